@@ -1,0 +1,7 @@
+"""``python -m appservice``."""
+
+import sys
+
+from appservice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP handlers: parse and validate input, call one service, serialise the answer."""

@@ -1,0 +1,34 @@
+"""What the handlers can reach: the services, built once by ``app.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from appservice.api.http import access_token
+from appservice.services.accounts import AccountService
+from appservice.services.keys import KeyService
+from appservice.services.lookup import LookupService
+from appservice.services.terms import TermsService
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """The services the public API calls."""
+
+    accounts: AccountService
+    terms: TermsService
+    lookup: LookupService
+    keys: KeyService
+    health: Callable[[], Awaitable[dict[str, Any]]]
+    v1_enabled: bool = True
+
+    async def user_id(self, request: web.Request, *, enforce_terms: bool = True) -> str:
+        """The authenticated user (401 without a valid token, 403 until the terms are accepted)."""
+        account = await self.accounts.authenticate(access_token(request))
+        if enforce_terms:
+            await self.terms.require_accepted(account.user_id)
+        return account.user_id

@@ -1,0 +1,159 @@
+"""Shared HTTP plumbing: Matrix error responses, CORS, JSON bodies, access tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from appservice.errors import MatrixError, bad_json, missing_params
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Origin, X-Requested-With, Content-Type, Accept, Authorization",
+}
+
+_STATUS_ERRCODES = {
+    404: ("M_UNRECOGNIZED", "Unrecognized request"),
+    405: ("M_UNRECOGNIZED", "Unrecognized request method"),
+    413: ("M_TOO_LARGE", "Request body too large"),
+}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response (compact, UTF-8)."""
+    return web.Response(
+        body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(error: MatrixError) -> web.Response:
+    """The JSON response of a Matrix error."""
+    return json_response(error.body(), error.status, error.headers)
+
+
+@web.middleware
+async def matrix_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer preflights, turn every failure into a Matrix error and add CORS headers."""
+    if request.method == "OPTIONS":
+        response: web.StreamResponse = web.Response(status=200)
+    else:
+        try:
+            response = await handler(request)
+        except MatrixError as e:
+            response = error_response(e)
+        except web.HTTPException as e:
+            if e.status in _STATUS_ERRCODES:
+                errcode, message = _STATUS_ERRCODES[e.status]
+                response = error_response(MatrixError(e.status, errcode, message))
+            elif e.status >= 400:
+                response = error_response(MatrixError(e.status, "M_UNKNOWN", e.reason))
+            else:
+                raise
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = error_response(MatrixError(500, "M_UNKNOWN", "Internal server error"))
+    response.headers.update(CORS_HEADERS)
+    return response
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object (400 M_NOT_JSON / M_BAD_JSON otherwise)."""
+    raw = await request.read()
+    if not raw.strip() and optional:
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MatrixError(400, "M_NOT_JSON", "Content not JSON") from e
+    if not isinstance(body, dict):
+        raise bad_json("The body must be a JSON object")
+    return body
+
+
+def require_fields(body: dict[str, Any], *names: str) -> None:
+    """400 M_MISSING_PARAMS naming every absent field."""
+    missing = [name for name in names if name not in body or body[name] is None]
+    if missing:
+        raise missing_params(*missing)
+
+
+def string_field(body: dict[str, Any], name: str) -> str:
+    """A required string field."""
+    require_fields(body, name)
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad_json(f"{name} must be a string")
+    return value
+
+
+def int_field(body: dict[str, Any], name: str) -> int:
+    """A required integer field."""
+    require_fields(body, name)
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_json(f"{name} must be an integer")
+    return value
+
+
+def string_list_field(body: dict[str, Any], name: str) -> list[str]:
+    """A required list of strings."""
+    require_fields(body, name)
+    value = body[name]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_json(f"{name} must be a list of strings")
+    return value
+
+
+def query_param(request: web.Request, name: str) -> str:
+    """A required query parameter (400 M_MISSING_PARAMS when absent)."""
+    value = request.query.get(name)
+    if value is None:
+        raise missing_params(name)
+    return value
+
+
+def access_token(request: web.Request) -> str | None:
+    """The access token from ``Authorization: Bearer`` or, as Synapse still sends it, the query."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.query.get("access_token") or None
+
+
+_SECRET_QUERY = re.compile(r"((?:access_token|token|client_secret)=)[^&\s]*")
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """One line per request, with secrets in the query string replaced."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = _SECRET_QUERY.sub(r"\1<redacted>", request.path_qs)
+        self.logger.info(
+            "%s %s %s %d %.1fms",
+            request.remote,
+            request.method,
+            path,
+            response.status,
+            time * 1000,
+        )

@@ -1,0 +1,41 @@
+"""The legacy ``/_matrix/identity/api/v1`` endpoints that homeservers and old clients still call."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from appservice.api import keys
+from appservice.api.context import ApiContext
+from appservice.api.http import json_body, json_response, query_param, require_fields
+from appservice.errors import bad_json
+
+PREFIX = "/_matrix/identity/api/v1"
+
+
+def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
+    """Register the v1 handlers (unauthenticated, as v1 was)."""
+
+    async def status(_request: web.Request) -> web.Response:
+        return json_response({})
+
+    async def lookup(request: web.Request) -> web.Response:
+        medium = query_param(request, "medium")
+        address = query_param(request, "address")
+        return json_response(await ctx.lookup.lookup_one_signed(medium, address))
+
+    async def bulk_lookup(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        require_fields(body, "threepids")
+        threepids = body["threepids"]
+        if not isinstance(threepids, list) or not all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(v, str) for v in t)
+            for t in threepids
+        ):
+            raise bad_json("threepids must be a list of [medium, address] pairs")
+        found = await ctx.lookup.bulk_lookup([(t[0], t[1]) for t in threepids])
+        return json_response({"threepids": found})
+
+    router.add_get(PREFIX, status)
+    router.add_get(f"{PREFIX}/lookup", lookup)
+    router.add_post(f"{PREFIX}/bulk_lookup", bulk_lookup)
+    keys.add_routes(router, ctx, PREFIX)

@@ -1,0 +1,163 @@
+"""The composition root: builds storage, keys, services and web apps from the config."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from appservice.api import account, keys, lookup, status, terms, v1
+from appservice.api.context import ApiContext
+from appservice.api.http import RedactingAccessLogger, matrix_middleware
+from appservice.clock import Clock
+from appservice.config import Config
+from appservice.crypto.signing import KeyRing
+from appservice.db.accounts import AccountStore
+from appservice.db.bindings import BindingStore
+from appservice.db.database import AppDatabase
+from appservice.db.server_state import ServerStateStore
+from appservice.db.signing_keys import SigningKeyStore
+from appservice.db.terms import TermsStore
+from appservice.federation.client import FederationClient
+from appservice.federation.openid import fetch_openid_user
+from appservice.services.accounts import AccountService, OpenIdVerifier
+from appservice.services.keys import KeyService
+from appservice.services.lookup import LookupService
+from appservice.services.terms import TermsService
+
+log = logging.getLogger(__name__)
+
+
+class IdentityServer:
+    """One running instance: database, key ring, services and the public web app."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        verify_openid: OpenIdVerifier | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.db = AppDatabase(
+            config.database.url, config.database.min_connections, config.database.max_connections
+        )
+        self.keyring = KeyRing.load_or_create(Path(config.keys.signing_key_path))
+        fed = config.federation
+        self.federation = FederationClient(
+            overrides=fed.overrides,
+            allowed_networks=fed.allowed_networks,
+            ca_file=fed.ca_file,
+            verify_tls=fed.verify_tls,
+            timeout_s=float(fed.timeout),
+        )
+        self.bindings = BindingStore(self.db)
+        self.accounts = AccountService(
+            AccountStore(self.db),
+            verify_openid or functools.partial(fetch_openid_user, self.federation),
+            self.clock,
+            config.accounts.allowed_homeservers,
+        )
+        self.terms = TermsService(config.terms, TermsStore(self.db), self.clock)
+        self.lookup = LookupService(
+            self.bindings,
+            ServerStateStore(self.db),
+            self.keyring,
+            config.server.name,
+            config.lookup,
+            self.clock,
+        )
+        self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Connect, migrate and load shared state; call before serving."""
+        await self.db.start()
+        applied = await self.db.migrate()
+        if applied:
+            log.info("database migrated to version %d", applied[-1])
+        await self.keys.start()
+        await self.lookup.start()
+
+    async def stop(self) -> None:
+        """Stop serving and close every connection."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.federation.close()
+        await self.db.stop()
+
+    async def health(self) -> dict[str, Any]:
+        """What ``/health`` reports."""
+        try:
+            await self.db.fetchval("SELECT 1")
+        except Exception as e:  # any database failure means unhealthy, whatever its type
+            log.warning("health check: database unavailable: %s", e)
+            return {"status": "unavailable", "database": "unavailable"}
+        return {"status": "ok", "database": "ok"}
+
+    def public_app(self) -> web.Application:
+        """The Identity Service API web application."""
+        app = web.Application(
+            middlewares=[matrix_middleware], client_max_size=self.config.listen.max_body_bytes
+        )
+        ctx = ApiContext(
+            accounts=self.accounts,
+            terms=self.terms,
+            lookup=self.lookup,
+            keys=self.keys,
+            health=self.health,
+            v1_enabled=self.config.api.v1_enabled,
+        )
+        status.add_routes(app.router, ctx)
+        account.add_routes(app.router, ctx)
+        terms.add_routes(app.router, ctx)
+        lookup.add_routes(app.router, ctx)
+        keys.add_routes(app.router, ctx, "/_matrix/identity/v2")
+        if ctx.v1_enabled:
+            v1.add_routes(app.router, ctx)
+        return app
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        listen = self.config.listen
+        if listen.tls_cert is None or listen.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(listen.tls_cert, listen.tls_key)
+        return ctx
+
+    async def serve(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
+        """Start listening; returns the bound address (port 0 picks a free port)."""
+        self._runner = web.AppRunner(
+            self.public_app(), access_log_class=RedactingAccessLogger, handle_signals=False
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            host or self.config.listen.host,
+            self.config.listen.port if port is None else port,
+            ssl_context=self._ssl_context(),
+        )
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        bound = sockets[0].getsockname() if sockets else (host, port)
+        scheme = "https" if self.config.listen.tls_cert else "http"
+        log.info("identity server listening on %s://%s:%d", scheme, bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+
+async def run_forever(server: IdentityServer, host: str | None, port: int | None) -> None:
+    """Start, serve until cancelled (SIGINT/SIGTERM), then stop cleanly."""
+    await server.start()
+    try:
+        await server.serve(host, port)
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()

@@ -1,0 +1,229 @@
+"""Load YAML over the defaults into the typed model, naming the key path of any mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from appservice.config.model import Config, Duration
+
+ENV_PREFIX = "APPSERVICE_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration mistake; ``str()`` is one line naming the key path."""
+
+
+def parse_duration(value: Any, path: str) -> Duration:
+    """Parse ``30s``/``10m``/``7d``/``500ms`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: {value!r} is not a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"{path}: {value!r} is negative")
+        return Duration(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return Duration(float(match.group(1)) * _UNITS[match.group(2)])
+    raise ConfigError(f'{path}: "{value}" is not a duration (use e.g. 30s, 10m, 12h, 7d)')
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        non_none = [o for o in options if o is not type(None)]
+        return _convert(non_none[0], value, path)
+    if tp is Duration:
+        return parse_duration(value, path)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, path)
+    if origin is tuple:
+        (item_type, _ellipsis) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        return tuple(_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _key_type, item_type = get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(item_type, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_describe(value)}")
+        return value
+    raise ConfigError(f"{path}: unsupported option type {_type_name(tp)}")  # pragma: no cover
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return repr(value)
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown option")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}")
+        elif (
+            fields[name].default is dataclasses.MISSING
+            and fields[name].default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(f"{prefix}{name}: missing required option")
+    return cls(**kwargs)
+
+
+def _env_overrides(cls: type, environ: Mapping[str, str], path: tuple[str, ...]) -> dict[str, Any]:
+    """Collect ``APPSERVICE_SECTION_KEY`` variables for scalar options as a nested mapping."""
+    result: dict[str, Any] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key_path = (*path, f.name)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            nested = _env_overrides(tp, environ, key_path)
+            if nested:
+                result[f.name] = nested
+            continue
+        env_name = ENV_PREFIX + "_".join(key_path).upper()
+        if env_name in environ:
+            raw = environ[env_name]
+            # Scalars arrive as strings; let YAML type them (numbers, booleans) as in the file.
+            result[f.name] = yaml.safe_load(raw) if raw.strip() else raw
+            if _is_str_type(tp) and not isinstance(result[f.name], str):
+                result[f.name] = raw
+    return result
+
+
+def _is_str_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) in (Union, types.UnionType):
+        return str in get_args(tp)
+    return False
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(obj: Any, base_dir: Path) -> Any:
+    """Make path options (and a relative SQLite URL) absolute against ``base_dir``."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("path") and isinstance(value, str) and value:
+            changes[f.name] = str((base_dir / value).resolve())
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _resolve_paths(value, base_dir)
+    url = getattr(obj, "url", None)
+    if isinstance(url, str) and url.startswith("sqlite:"):
+        db_path = url.removeprefix("sqlite:").removeprefix("//")
+        if db_path and db_path != ":memory:" and not db_path.startswith("/"):
+            changes["url"] = "sqlite:" + str((base_dir / db_path).resolve())
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def load_config_text(
+    text: str, base_dir: Path, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load a configuration from YAML text; relative paths are resolved against ``base_dir``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: not valid YAML{where}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("config: the top level must be a mapping")
+    env = _env_overrides(Config, os.environ if environ is None else environ, ())
+    config = _build(Config, _merge(dict(data), env), "")
+    _validate(config)
+    resolved: Config = _resolve_paths(config, base_dir)
+    return resolved
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Load the configuration file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e.strerror}") from e
+    return load_config_text(text, path.parent.resolve(), environ)
+
+
+def _validate(config: Config) -> None:
+    """Checks that span more than one value's type."""
+    url = config.database.url
+    if not (url.startswith("sqlite:") or url.startswith(("postgres://", "postgresql://"))):
+        raise ConfigError(
+            f'database.url: "{url}" is not a sqlite: or postgres:// URL'
+        )
+    for i, algorithm in enumerate(config.lookup.algorithms):
+        if algorithm not in ("sha256", "none"):
+            raise ConfigError(f'lookup.algorithms[{i}]: "{algorithm}" is not sha256 or none')
+    if "sha256" not in config.lookup.algorithms:
+        raise ConfigError("lookup.algorithms: must contain sha256 (the spec requires it)")
+    if not 1 <= config.listen.port <= 65535:
+        raise ConfigError(f"listen.port: {config.listen.port} is not a TCP port")
+    if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
+        raise ConfigError("listen.tls_cert: tls_cert and tls_key must be set together")
+    if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f'logging.level: "{config.logging.level}" is not a log level')
+    for policy_id, policy in config.terms.policies.items():
+        if not policy.languages:
+            raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")

@@ -1,0 +1,137 @@
+"""The configuration model. Every option here is documented in ``config.example.yaml``.
+
+Fields marked with ``path_field()`` are file paths; relative values are resolved against the
+directory of the configuration file when it is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def path_field(default: str | None) -> Any:
+    """A file path option; relative paths are taken relative to the config file."""
+    return field(default=default, metadata={"path": True})
+
+
+class Duration(float):
+    """A duration in seconds, written in YAML as ``30s``, ``10m``, ``12h``, ``7d`` or ``500ms``."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Identity of this identity server."""
+
+    # The name clients and homeservers use for this identity server (host[:port]); it signs as this
+    # name and homeservers address unbind requests to it.
+    name: str = "localhost:8090"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """The public HTTP listener (Identity Service API)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    tls_cert: str | None = path_field(None)
+    tls_key: str | None = path_field(None)
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Where the data lives."""
+
+    url: str = "sqlite:data/identity.db"
+    min_connections: int = 1
+    max_connections: int = 10
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The long-term ed25519 signing key."""
+
+    signing_key_path: str = path_field("signing.key")
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    """Identity-server accounts made from OpenID tokens."""
+
+    # Homeserver names allowed to register; empty means any homeserver.
+    allowed_homeservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyDocument:
+    """One language version of a policy."""
+
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A policy users must accept, in one or more languages."""
+
+    version: str
+    languages: dict[str, PolicyDocument]
+
+
+@dataclass(frozen=True)
+class TermsConfig:
+    """Terms of service; no policies means nothing to accept."""
+
+    policies: dict[str, PolicyConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    """Hashed lookups."""
+
+    algorithms: tuple[str, ...] = ("sha256", "none")
+    max_addresses: int = 20_000
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Outbound requests to homeservers (OpenID, keys, onbind)."""
+
+    # Server name -> base URL, bypassing server discovery (e.g. {"example.org": "https://hs:8448"}).
+    overrides: dict[str, str] = field(default_factory=dict)
+    # Networks that may be reached although private or loopback (SSRF guard), e.g. ["127.0.0.0/8"].
+    allowed_networks: tuple[str, ...] = ()
+    ca_file: str | None = path_field(None)
+    verify_tls: bool = True
+    timeout: Duration = Duration(10)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Which API generations are served."""
+
+    v1_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Logging."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    terms: TermsConfig = field(default_factory=TermsConfig)
+    lookup: LookupConfig = field(default_factory=LookupConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

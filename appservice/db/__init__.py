@@ -1,0 +1,1 @@
+"""Storage: SQL only, one module per table family, results as frozen dataclasses."""

@@ -1,0 +1,206 @@
+"""Open the database (SQLite or PostgreSQL through mautrix's async_db) and apply migrations.
+
+Migrations are the SQL files in the top-level ``migrations/`` directory, named
+``NNNN_description.sql``; a file ``NNNN_description.postgres.sql`` or ``.sqlite.sql`` replaces the
+plain one for that dialect. Each is applied once, in a transaction, and recorded in
+``schema_migrations``. On PostgreSQL an advisory lock serialises instances that start together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mautrix.util.async_db import Database, Scheme
+from mautrix.util.async_db.connection import LoggingConnection
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(
+    os.environ.get("APPSERVICE_MIGRATIONS_DIR", Path(__file__).resolve().parents[2] / "migrations")
+)
+# An arbitrary constant that identifies this application's migration lock.
+_MIGRATION_LOCK_KEY = 0x1D5E_4A11
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(postgres|sqlite))?\.sql$")
+
+
+class DatabaseError(Exception):
+    """The database cannot be used (unreachable, or a schema this code does not know)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One versioned schema change for one dialect."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(dialect: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations for ``dialect`` (``postgres`` or ``sqlite``), in version order."""
+    chosen: dict[int, tuple[str, Path, bool]] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise DatabaseError(f"migrations: unexpected file name {path.name}")
+        version, name, file_dialect = int(match.group(1)), match.group(2), match.group(3)
+        if file_dialect not in (None, dialect):
+            continue
+        specific = file_dialect is not None
+        if version in chosen and chosen[version][2] and not specific:
+            continue
+        chosen[version] = (name, path, specific)
+    return [
+        Migration(version, name, path.read_text(encoding="utf-8"))
+        for version, (name, path, _specific) in sorted(chosen.items())
+    ]
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration into statements (each ends with ``;`` at the end of a line)."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    statements = re.split(r";\s*$", "\n".join(lines), flags=re.MULTILINE)
+    return [s.strip() for s in statements if s.strip()]
+
+
+class AppDatabase:
+    """The application's database: a mautrix ``Database`` plus dialect helpers."""
+
+    def __init__(self, url: str, min_connections: int = 1, max_connections: int = 10) -> None:
+        self.url = url
+        if url.startswith("sqlite:"):
+            path = url.removeprefix("sqlite:").removeprefix("//")
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            db_args: dict[str, Any] = {"min_size": 1}
+        else:
+            db_args = {"min_size": min_connections, "max_size": max_connections}
+        self.db = Database.create(
+            url, db_args=db_args, log=logging.getLogger("appservice.db.sql")  # type: ignore[arg-type]
+        )
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether this is PostgreSQL (else SQLite)."""
+        return self.db.scheme in (Scheme.POSTGRES, Scheme.COCKROACH)
+
+    @property
+    def dialect(self) -> str:
+        """``postgres`` or ``sqlite``."""
+        return "postgres" if self.is_postgres else "sqlite"
+
+    async def start(self) -> None:
+        """Connect (no migrations)."""
+        try:
+            await self.db.start()
+        except (OSError, ConnectionError) as e:
+            raise DatabaseError(f"database: cannot connect: {e}") from e
+        except Exception as e:
+            if type(e).__module__.startswith("asyncpg"):
+                raise DatabaseError(f"database: cannot connect: {e}") from e
+            raise
+
+    async def stop(self) -> None:
+        """Close every connection."""
+        await self.db.stop()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[LoggingConnection]:
+        """A connection inside a transaction; nested use joins the outer transaction."""
+        async with self.db.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def execute(self, query: str, *args: Any) -> None:
+        """Run a statement."""
+        await self.db.execute(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        """Rows of a query."""
+        return await self.db.fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        """The first row of a query, or None."""
+        return await self.db.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """The first column of the first row, or None."""
+        return await self.db.fetchval(query, *args)
+
+    async def schema_version(self) -> int:
+        """The newest applied migration, 0 for an empty database."""
+        if not await self.db.table_exists("schema_migrations"):
+            return 0
+        return int(await self.db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+
+    async def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[int]:
+        """Apply pending migrations; returns the versions applied (none when up to date)."""
+        migrations = load_migrations(self.dialect, directory)
+        known = migrations[-1].version if migrations else 0
+        async with self.db.acquire() as conn:
+            if self.is_postgres:
+                await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+                try:
+                    return await self._migrate_locked(conn, migrations, known)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+            # SQLite: one IMMEDIATE transaction takes the write lock before the version is read, so
+            # processes starting together apply each migration once (DDL is transactional there).
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                applied = await self._migrate_locked(conn, migrations, known)
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+            return applied
+
+    @asynccontextmanager
+    async def _step(self, conn: LoggingConnection) -> AsyncIterator[None]:
+        """One migration: its own transaction on PostgreSQL, part of the outer one on SQLite."""
+        if self.is_postgres:
+            async with conn.transaction():
+                yield
+        else:
+            yield
+
+    async def _migrate_locked(
+        self, conn: LoggingConnection, migrations: list[Migration], known: int
+    ) -> list[int]:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ts BIGINT NOT NULL)"
+        )
+        current = int(
+            await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        )
+        if current > known:
+            raise DatabaseError(
+                f"database: schema version {current} is newer than this code knows ({known}); "
+                "run the newer release or restore a backup"
+            )
+        applied: list[int] = []
+        for migration in migrations:
+            if migration.version <= current:
+                continue
+            log.info("applying migration %04d_%s", migration.version, migration.name)
+            async with self._step(conn):
+                for statement in split_statements(migration.sql):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_ts) "
+                    "VALUES ($1, $2, CAST(strftime('%s','now') AS BIGINT) * 1000)"
+                    if not self.is_postgres
+                    else "INSERT INTO schema_migrations (version, name, applied_ts) "
+                    "VALUES ($1, $2, (extract(epoch from now()) * 1000)::bigint)",
+                    migration.version,
+                    migration.name,
+                )
+            applied.append(migration.version)
+        return applied

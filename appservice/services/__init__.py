@@ -1,0 +1,1 @@
+"""The rules of the identity server, one module per concept; no HTTP here."""

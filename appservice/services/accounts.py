@@ -1,0 +1,72 @@
+"""Identity-server accounts: OpenID registration, token authentication, logout."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+
+from appservice.clock import Clock
+from appservice.crypto.hashing import token_hash
+from appservice.db.accounts import Account, AccountStore
+from appservice.errors import MatrixError, invalid_param, unauthorized
+from appservice.federation.discovery import FederationError, is_valid_server_name
+from appservice.federation.openid import OpenIdError
+
+log = logging.getLogger(__name__)
+
+# (server_name, openid_access_token) -> the Matrix user ID the homeserver vouches for; raises
+# OpenIdError when the token is refused and FederationError when the homeserver is unreachable.
+OpenIdVerifier = Callable[[str, str], Awaitable[str]]
+
+
+class AccountService:
+    """Issues and checks identity-server access tokens."""
+
+    def __init__(
+        self,
+        store: AccountStore,
+        verify_openid: OpenIdVerifier,
+        clock: Clock,
+        allowed_homeservers: Sequence[str] = (),
+    ) -> None:
+        self._store = store
+        self._verify_openid = verify_openid
+        self._clock = clock
+        self._allowed = frozenset(allowed_homeservers)
+
+    async def register(self, openid_token: str, server_name: str) -> str:
+        """Exchange an OpenID token for a new access token of the user it identifies."""
+        if not is_valid_server_name(server_name):
+            raise invalid_param("matrix_server_name is not a valid server name")
+        if self._allowed and server_name not in self._allowed:
+            raise MatrixError(
+                403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
+            )
+        try:
+            user_id = await self._verify_openid(server_name, openid_token)
+        except OpenIdError as e:
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", f"OpenID token rejected: {e}") from e
+        except FederationError as e:
+            log.warning("OpenID check with %s failed: %s", server_name, e)
+            raise MatrixError(
+                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}: {e}"
+            ) from e
+        token = secrets.token_urlsafe(32)
+        await self._store.add(token_hash(token), user_id, self._clock.now_ms())
+        log.info("registered an account for %s", user_id)
+        return token
+
+    async def authenticate(self, token: str | None) -> Account:
+        """The account of an access token (401 M_UNAUTHORIZED when missing or unknown)."""
+        if not token:
+            raise unauthorized("Missing access token")
+        account = await self._store.get(token_hash(token))
+        if account is None:
+            raise unauthorized("Unrecognised access token")
+        return account
+
+    async def logout(self, token: str | None) -> None:
+        """Invalidate an access token (401 M_UNKNOWN_TOKEN when unknown)."""
+        if not token or not await self._store.delete(token_hash(token)):
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")

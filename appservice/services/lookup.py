@@ -1,0 +1,128 @@
+"""Looking up Matrix IDs by 3PID: hashed v2 lookups and the signed legacy v1 lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from appservice.clock import Clock
+from appservice.config import LookupConfig
+from appservice.crypto.hashing import lookup_hash, new_pepper
+from appservice.crypto.signing import KeyRing
+from appservice.db.bindings import Binding, BindingStore
+from appservice.db.server_state import ServerStateStore
+from appservice.errors import MatrixError, invalid_param
+from appservice.threepid import MEDIUMS, canonical_address
+
+PEPPER_KEY = "lookup_pepper"
+
+
+class LookupService:
+    """Answers lookups from the bindings table through its lookup-hash index."""
+
+    def __init__(
+        self,
+        bindings: BindingStore,
+        state: ServerStateStore,
+        keyring: KeyRing,
+        server_name: str,
+        config: LookupConfig,
+        clock: Clock,
+    ) -> None:
+        self._bindings = bindings
+        self._state = state
+        self._keyring = keyring
+        self._server_name = server_name
+        self._config = config
+        self._clock = clock
+        self._pepper: str | None = None
+
+    async def start(self) -> None:
+        """Load the pepper shared by all instances (created on first start)."""
+        self._pepper = await self._state.get_or_create(PEPPER_KEY, new_pepper())
+
+    @property
+    def pepper(self) -> str:
+        """The current lookup pepper."""
+        if self._pepper is None:
+            raise RuntimeError("LookupService.start() was not awaited")
+        return self._pepper
+
+    def hash_of(self, medium: str, address: str) -> str:
+        """The lookup hash of a canonical 3PID under the current pepper."""
+        return lookup_hash(address, medium, self.pepper)
+
+    def hash_details(self) -> dict[str, Any]:
+        """The ``GET /hash_details`` body."""
+        return {"algorithms": list(self._config.algorithms), "lookup_pepper": self.pepper}
+
+    async def lookup(self, algorithm: str, pepper: str, addresses: Sequence[str]) -> dict[str, str]:
+        """``POST /lookup``: map each address (as sent) that has a binding to its Matrix ID."""
+        if algorithm not in self._config.algorithms:
+            raise invalid_param(f"Unsupported algorithm {algorithm!r}")
+        if pepper != self.pepper:
+            raise MatrixError(
+                400,
+                "M_INVALID_PEPPER",
+                "Unknown or invalid pepper",
+                algorithm=algorithm,
+                lookup_pepper=self.pepper,
+            )
+        if len(addresses) > self._config.max_addresses:
+            raise invalid_param(
+                f"Too many addresses: {len(addresses)} (at most {self._config.max_addresses})"
+            )
+        if algorithm == "sha256":
+            found = await self._bindings.mxids_by_hash(list(dict.fromkeys(addresses)))
+            return {a: found[a] for a in addresses if a in found}
+        # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
+        by_hash: dict[str, list[str]] = {}
+        for entry in addresses:
+            address, _, medium = entry.rpartition(" ")
+            canonical = canonical_address(medium, address) if medium in MEDIUMS else None
+            if canonical is not None:
+                by_hash.setdefault(self.hash_of(medium, canonical), []).append(entry)
+        found = await self._bindings.mxids_by_hash(list(by_hash))
+        return {entry: mxid for h, mxid in found.items() for entry in by_hash[h]}
+
+    def signed_association(self, binding: Binding) -> dict[str, Any]:
+        """A binding as the signed association object of the spec."""
+        return self._keyring.sign(
+            {
+                "address": binding.address,
+                "medium": binding.medium,
+                "mxid": binding.mxid,
+                "not_before": binding.not_before,
+                "not_after": binding.not_after,
+                "ts": binding.created_ts,
+            },
+            self._server_name,
+        )
+
+    async def lookup_one_signed(self, medium: str, address: str) -> dict[str, Any]:
+        """Legacy v1 ``GET /lookup``: the signed association, or ``{}`` when there is none."""
+        canonical = canonical_address(medium, address) if medium in MEDIUMS else None
+        if canonical is None:
+            return {}
+        binding = await self._bindings.get(medium, canonical)
+        if binding is None or not binding.not_before <= self._clock.now_ms() < binding.not_after:
+            return {}
+        return self.signed_association(binding)
+
+    async def bulk_lookup(self, threepids: Sequence[tuple[str, str]]) -> list[list[str]]:
+        """Legacy v1 ``POST /bulk_lookup``: ``[medium, address, mxid]`` for each bound 3PID."""
+        if len(threepids) > self._config.max_addresses:
+            raise invalid_param(
+                f"Too many 3PIDs: {len(threepids)} (at most {self._config.max_addresses})"
+            )
+        wanted: dict[str, list[tuple[str, str]]] = {}
+        for medium, address in threepids:
+            canonical = canonical_address(medium, address) if medium in MEDIUMS else None
+            if canonical is not None:
+                wanted.setdefault(self.hash_of(medium, canonical), []).append((medium, address))
+        found = await self._bindings.mxids_by_hash(list(wanted))
+        return [
+            [medium, address, mxid]
+            for h, mxid in found.items()
+            for medium, address in wanted[h]
+        ]

@@ -1,0 +1,132 @@
+"""``/v2/account``: OpenID registration, who am I, logout, and token transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.conftest import Api
+
+REGISTER = "/_matrix/identity/v2/account/register"
+ACCOUNT = "/_matrix/identity/v2/account"
+
+
+async def test_register_returns_token_that_identifies_user(api: Api) -> None:
+    user_id, token = await api.register("alice")
+    assert len(token) >= 40
+    assert await api.request("GET", ACCOUNT, token=token) == (200, {"user_id": user_id})
+    assert api.homeserver.requests == [("GET", "/_matrix/federation/v1/openid/userinfo")]
+
+
+async def test_token_is_accepted_in_query_string(api: Api) -> None:
+    user_id, token = await api.register()
+    assert await api.request("GET", f"{ACCOUNT}?access_token={token}") == (
+        200,
+        {"user_id": user_id},
+    )
+
+
+async def test_tokens_are_not_stored_in_plain_text(api: Api) -> None:
+    _, token = await api.register()
+    rows = await api.server.db.fetch("SELECT token_hash FROM accounts")
+    assert rows and all(row["token_hash"] != token for row in rows)
+
+
+async def test_missing_token_is_401_unauthorized(api: Api) -> None:
+    status, body = await api.request("GET", ACCOUNT)
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_unknown_token_is_401_unauthorized(api: Api) -> None:
+    status, body = await api.request("GET", ACCOUNT, token="not-a-token")
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_non_bearer_authorization_is_401(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request("GET", ACCOUNT, headers={"Authorization": f"Basic {token}"})
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_unknown_openid_token_is_401_unknown_token(api: Api) -> None:
+    status, body = await api.request(
+        "POST",
+        REGISTER,
+        json={
+            "access_token": "forged",
+            "token_type": "Bearer",
+            "matrix_server_name": api.homeserver.server_name,
+            "expires_in": 3600,
+        },
+    )
+    assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+
+
+async def test_openid_user_of_another_server_is_rejected(api: Api) -> None:
+    credentials = api.homeserver.issue_openid_token("@mallory:evil.example", "tok-evil")
+    status, body = await api.request("POST", REGISTER, json=credentials)
+    assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+
+
+async def test_wrong_token_type_is_400_invalid_param(api: Api) -> None:
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    status, body = await api.request("POST", REGISTER, json={**credentials, "token_type": "Mac"})
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+@pytest.mark.parametrize("server_name", ["hs.test/evil", "a b", "@x", "", "hs.test:99999999"])
+async def test_invalid_server_name_is_400_invalid_param(api: Api, server_name: str) -> None:
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    status, body = await api.request(
+        "POST", REGISTER, json={**credentials, "matrix_server_name": server_name}
+    )
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+    assert api.homeserver.requests == []
+
+
+async def test_unreachable_homeserver_is_502_and_not_500(api: Api) -> None:
+    # Loopback is allowed only for the fake homeserver's override; this name resolves to
+    # nothing reachable, so the request fails at the network and is reported as such.
+    status, body = await api.request(
+        "POST",
+        REGISTER,
+        json={
+            "access_token": "x",
+            "token_type": "Bearer",
+            "matrix_server_name": "127.0.0.1:1",
+            "expires_in": 3600,
+        },
+    )
+    assert status == 502
+    assert body["errcode"] == "M_UNKNOWN"
+
+
+async def test_logout_invalidates_token(api: Api) -> None:
+    _, token = await api.register()
+    assert await api.request("POST", f"{ACCOUNT}/logout", token=token) == (200, {})
+    status, body = await api.request("GET", ACCOUNT, token=token)
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_logout_with_unknown_token_is_401_unknown_token(api: Api) -> None:
+    status, body = await api.request("POST", f"{ACCOUNT}/logout", token="nope")
+    assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+
+
+async def test_logout_accepts_an_empty_body(api: Api) -> None:
+    _, token = await api.register()
+    async with api.client.post(
+        f"{ACCOUNT}/logout", headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
+        assert resp.status == 200
+
+
+class TestAllowedHomeservers:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "accounts: {allowed_homeservers: [other.example]}"
+
+    async def test_user_of_other_homeserver_is_403(self, api: Api) -> None:
+        credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+        status, body = await api.request("POST", REGISTER, json=credentials)
+        assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+        assert api.homeserver.requests == []

@@ -1,0 +1,1 @@
+"""Fixtures and helpers that start real components for the tests."""
