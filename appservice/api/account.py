@@ -5,7 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from appservice.api.context import ApiContext
-from appservice.api.http import access_token, int_field, json_body, json_response, string_field
+from appservice.api.http import (
+    access_token,
+    int_field,
+    json_body,
+    json_response,
+    require_fields,
+    string_field,
+)
 from appservice.errors import invalid_param
 
 PREFIX = "/_matrix/identity/v2/account"
@@ -16,6 +23,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
     async def register(request: web.Request) -> web.Response:
         body = await json_body(request)
+        require_fields(body, "access_token", "token_type", "matrix_server_name", "expires_in")
         openid_token = string_field(body, "access_token")
         token_type = string_field(body, "token_type")
         server_name = string_field(body, "matrix_server_name")

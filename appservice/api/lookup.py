@@ -5,7 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from appservice.api.context import ApiContext
-from appservice.api.http import json_body, json_response, string_field, string_list_field
+from appservice.api.http import (
+    json_body,
+    json_response,
+    require_fields,
+    string_field,
+    string_list_field,
+)
 
 PREFIX = "/_matrix/identity/v2"
 
@@ -20,6 +26,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
     async def lookup(request: web.Request) -> web.Response:
         await ctx.user_id(request)
         body = await json_body(request)
+        require_fields(body, "algorithm", "pepper", "addresses")
         algorithm = string_field(body, "algorithm")
         pepper = string_field(body, "pepper")
         addresses = string_list_field(body, "addresses")

@@ -10,6 +10,7 @@ the query string (which may hold an OpenID access token) or the request body.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,7 +52,12 @@ def _parse_json(body: bytes) -> Any:
 
 
 def _check_path(path: str) -> None:
-    if not path.startswith("/") or any(c in path for c in "?# \t\r\n") or not path.isprintable():
+    if (
+        not path.startswith("/")
+        or not path.isascii()
+        or not path.isprintable()
+        or any(c in path for c in "?# ")
+    ):
         raise ValueError("path must be an absolute, percent-encoded path without query")
 
 
@@ -164,12 +170,12 @@ class FederationClient:
         """
         _check_path(path)
         resolved = await self.discovery.resolve(server_name)
-        request_headers: dict[str, str] = dict(headers or {})
+        # Host is set below so that callers cannot change where the request is routed.
+        request_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "host"}
         data: bytes | None = None
         if body is not None:
             data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             request_headers["Content-Type"] = "application/json"
-        # Set last so that callers cannot change where the request is routed.
         request_headers["Host"] = resolved.host_header
         last_error: FederationError | None = None
         for endpoint in resolved.endpoints[:_MAX_ENDPOINTS_TRIED]:
@@ -283,7 +289,8 @@ class FederationClient:
                 f"{description}: TLS handshake with {target} failed: {_ssl_reason(exc.os_error)}"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or type(exc.os_error).__name__
+            errno = exc.os_error.errno
+            reason = os.strerror(errno) if errno else type(exc.os_error).__name__
             raise _ConnectFailed(
                 f"{description}: could not connect to {target}: {reason}"
             ) from None

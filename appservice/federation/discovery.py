@@ -100,28 +100,28 @@ def parse_server_name(name: str) -> ServerName:
     """
     match = _SERVER_NAME_RE.fullmatch(name)
     if match is None:
-        raise ValueError("invalid server name")
+        raise ValueError("not of the form hostname[:port]")
     host = match["host"]
     port_text = match["port"]
     port: int | None = None
     if port_text is not None:
         port = int(port_text)
         if not 0 < port < 65536:
-            raise ValueError("invalid port in server name")
+            raise ValueError("port out of range")
     if host.startswith("["):
         try:
             ip6 = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
-            raise ValueError("invalid IPv6 literal in server name") from None
+            raise ValueError("invalid IPv6 literal") from None
         return ServerName(host=ip6.compressed, port=port, ip=ip6)
     if re.fullmatch(r"[0-9.]+", host):
         try:
             ip4 = ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError("invalid IPv4 literal in server name") from None
+            raise ValueError("invalid IPv4 literal") from None
         return ServerName(host=host, port=port, ip=ip4)
     if not is_valid_hostname(host):
-        raise ValueError("invalid host name in server name")
+        raise ValueError("invalid host name")
     return ServerName(host=host, port=port, ip=None)
 
 

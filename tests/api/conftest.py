@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from appservice.app import IdentityServer
 from appservice.clock import FakeClock
 from appservice.config import Config, load_config_text
+from appservice.db.bindings import Binding
 from tests.support.homeserver import FakeHomeserver
 
 
@@ -59,6 +60,12 @@ class Api:
             if resp.content_type == "application/json":
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
+
+    async def add_binding(self, medium: str, address: str, mxid: str) -> None:
+        """Store a binding directly (as a completed bind would)."""
+        now = self.server.clock.now_ms()
+        binding = Binding(medium, address, mxid, now, now, now + 100 * 365 * 86_400_000)
+        await self.server.bindings.upsert(binding, self.server.lookup.hash_of(medium, address))
 
     async def register(self, localpart: str | None = None) -> tuple[str, str]:
         """Register a user of the fake homeserver; returns (user_id, IS access token)."""

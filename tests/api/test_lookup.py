@@ -1,0 +1,173 @@
+"""``/v2/hash_details`` and ``/v2/lookup`` with the sha256 and none algorithms."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from appservice.app import IdentityServer
+from appservice.clock import FakeClock
+from appservice.crypto.hashing import lookup_hash
+from tests.api.conftest import Api
+
+HASH_DETAILS = "/_matrix/identity/v2/hash_details"
+LOOKUP = "/_matrix/identity/v2/lookup"
+
+
+async def _pepper(api: Api, token: str) -> str:
+    status, body = await api.request("GET", HASH_DETAILS, token=token)
+    assert status == 200
+    return str(body["lookup_pepper"])
+
+
+async def test_hash_details_offers_sha256_and_an_alphanumeric_pepper(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request("GET", HASH_DETAILS, token=token)
+    assert status == 200
+    assert body["algorithms"] == ["sha256", "none"]
+    assert body["lookup_pepper"].isalnum() and len(body["lookup_pepper"]) >= 32
+
+
+async def test_hash_details_accepts_token_in_query_string_as_synapse_sends_it(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request("GET", f"{HASH_DETAILS}?access_token={token}")
+    assert status == 200 and "lookup_pepper" in body
+
+
+async def test_hash_details_needs_auth(api: Api) -> None:
+    status, body = await api.request("GET", HASH_DETAILS)
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_sha256_lookup_maps_hits_and_leaves_out_misses(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    await api.add_binding("email", "alice@example.com", "@alice:hs.test")
+    await api.add_binding("msisdn", "18005552067", "@bob:hs.test")
+    alice = lookup_hash("alice@example.com", "email", pepper)
+    bob = lookup_hash("18005552067", "msisdn", pepper)
+    missing = lookup_hash("carol@example.com", "email", pepper)
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": pepper, "addresses": [alice, bob, missing, "junk"]},
+    )
+    assert status == 200
+    assert body == {"mappings": {alice: "@alice:hs.test", bob: "@bob:hs.test"}}
+
+
+async def test_none_lookup_casefolds_emails_and_keeps_addresses_as_sent(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    await api.add_binding("email", "strasse@example.com", "@s:hs.test")
+    sent = ["Straße@Example.com email", "strasse@example.com email", "nobody@x.org email", "bad"]
+    status, body = await api.request(
+        "POST", LOOKUP, token=token, json={"algorithm": "none", "pepper": pepper, "addresses": sent}
+    )
+    assert status == 200
+    # Unicode case folding turns ß into ss, as the spec's "Caseless Matching" requires.
+    assert body == {
+        "mappings": {
+            "Straße@Example.com email": "@s:hs.test",
+            "strasse@example.com email": "@s:hs.test",
+        }
+    }
+
+
+async def test_wrong_pepper_is_400_invalid_pepper_with_current_details(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": "stale", "addresses": []},
+    )
+    assert status == 400
+    assert body["errcode"] == "M_INVALID_PEPPER"
+    assert body["lookup_pepper"] == pepper
+    assert body["algorithm"] == "sha256"
+
+
+async def test_unknown_algorithm_is_400_invalid_param(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    status, body = await api.request(
+        "POST", LOOKUP, token=token, json={"algorithm": "md5", "pepper": pepper, "addresses": []}
+    )
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+async def test_lookup_fields_are_checked(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request("POST", LOOKUP, token=token, json={"algorithm": "sha256"})
+    assert (status, body["errcode"]) == (400, "M_MISSING_PARAMS")
+    assert "pepper" in body["error"] and "addresses" in body["error"]
+    status, body = await api.request(
+        "POST", LOOKUP, token=token, json={"algorithm": "sha256", "pepper": "p", "addresses": [1]}
+    )
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+
+
+async def test_ten_thousand_addresses_in_one_request(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    for i in range(0, 10_000, 1000):
+        await api.add_binding("email", f"user{i}@example.com", f"@user{i}:hs.test")
+    addresses = [lookup_hash(f"user{i}@example.com", "email", pepper) for i in range(10_000)]
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": pepper, "addresses": addresses},
+    )
+    assert status == 200
+    assert len(body["mappings"]) == 10
+    assert body["mappings"][addresses[3000]] == "@user3000:hs.test"
+
+
+async def test_more_than_the_configured_maximum_is_400(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": pepper, "addresses": ["x"] * 20_001},
+    )
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+async def test_lookup_uses_the_hash_index(api: Api) -> None:
+    db = api.server.db
+    if db.is_postgres:
+        await db.execute("SET enable_seqscan = off")
+        rows = await db.fetch(
+            "EXPLAIN SELECT lookup_hash, mxid FROM bindings WHERE lookup_hash = ANY($1::text[])",
+            ["a", "b"],
+        )
+        plan = " ".join(row[0] for row in rows)
+    else:
+        rows = await db.fetch(
+            "EXPLAIN QUERY PLAN SELECT lookup_hash, mxid FROM bindings"
+            " WHERE lookup_hash IN (SELECT value FROM json_each($1))",
+            '["a","b"]',
+        )
+        plan = " ".join(str(row["detail"]) for row in rows)
+    assert "bindings_lookup_hash" in plan, plan
+
+
+async def test_pepper_survives_a_restart(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    restarted = IdentityServer(api.server.config, clock=FakeClock())
+    await restarted.start()
+    client = TestClient(TestServer(restarted.public_app()))
+    await client.start_server()
+    try:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with client.get(HASH_DETAILS, headers=headers) as resp:
+            assert (await resp.json())["lookup_pepper"] == pepper
+    finally:
+        await client.close()
+        await restarted.stop()
