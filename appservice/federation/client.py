@@ -174,7 +174,9 @@ class FederationClient:
         request_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "host"}
         data: bytes | None = None
         if body is not None:
-            data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            data = json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
             request_headers["Content-Type"] = "application/json"
         request_headers["Host"] = resolved.host_header
         last_error: FederationError | None = None
@@ -298,7 +300,7 @@ class FederationClient:
             raise FederationError(
                 f"{description}: timed out after {self._timeout_s:g} s ({target})"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise FederationError(
                 f"{description}: request to {target} failed ({type(exc).__name__})"
             ) from None

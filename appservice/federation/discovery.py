@@ -229,9 +229,8 @@ class DnsSrvResolver:
     async def resolve_srv(self, name: str) -> list[tuple[str, int]]:
         """Look up SRV records for ``name``; DNS failures count as "no records"."""
         try:
-            answer = await self._get_resolver().resolve(
-                name, dns.rdatatype.SRV, lifetime=self._timeout_s
-            )
+            resolver = self._get_resolver()
+            answer = await resolver.resolve(name, dns.rdatatype.SRV, lifetime=self._timeout_s)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.DNSException as exc:

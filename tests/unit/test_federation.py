@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.rdata
+import dns.resolver
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -20,6 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from appservice.federation import (
     AddressGuard,
     AddressNotAllowedError,
+    DnsSrvResolver,
     Endpoint,
     FederationClient,
     FederationError,
@@ -530,6 +534,28 @@ def test_order_srv_records() -> None:
     assert counts > 180
 
 
+async def test_dns_srv_resolver_parses_records() -> None:
+    class FakeDns:
+        def __init__(self, error: type[Exception] | None = None) -> None:
+            self.error = error
+
+        async def resolve(self, name: str, rdtype: Any, lifetime: float) -> list[Any]:
+            if self.error is not None:
+                raise self.error
+            texts = ["10 5 8448 fed.example.org.", "5 0 443 first.example.org.", "1 0 0 ."]
+            return [dns.rdata.from_text("IN", "SRV", text) for text in texts]
+
+    resolver = DnsSrvResolver(1.0)
+    resolver._resolver = FakeDns()  # type: ignore[assignment]
+    assert await resolver.resolve_srv("_matrix-fed._tcp.example.org") == [
+        ("first.example.org", 443),
+        ("fed.example.org", 8448),
+    ]
+    for error in (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.exception.Timeout):
+        resolver._resolver = FakeDns(error)  # type: ignore[assignment]
+        assert await resolver.resolve_srv("_matrix-fed._tcp.example.org") == []
+
+
 # --------------------------------------------------------------------------------------------
 # Loopback servers
 
@@ -646,7 +672,7 @@ async def servers(certs: TestCertificates) -> AsyncIterator[Servers]:
     tls = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
     await plain.start()
     await tls.start()
-    ports = [site._server.sockets[0].getsockname()[1] for site in (plain, tls)]  # type: ignore[union-attr]
+    ports = [address[1] for address in runner.addresses]
     try:
         yield Servers(state, ports[0], ports[1], certs)
     finally:

@@ -1,0 +1,162 @@
+"""The command line: help, first run, migrate, keys, config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from appservice.app import IdentityServer
+from appservice.cli import main
+from appservice.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appservice", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0
+    for command in ("run", "generate-config", "migrate", "keys"):
+        assert command in result.stdout
+    keys_help = _cli("keys", "--help")
+    assert "show" in keys_help.stdout and "rotate" in keys_help.stdout
+
+
+def test_first_run_creates_config_key_and_database_then_serves(tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "config.yaml"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "appservice",
+            "run",
+            "-c",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        body = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/_matrix/identity/v2", timeout=2
+                ) as resp:
+                    body = resp.read()
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert body == b"{}", proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
+        assert config.exists()
+        key = tmp_path / "conf" / "signing.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert key.read_text().startswith("ed25519 0 ")
+        assert (tmp_path / "conf" / "data" / "identity.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+
+
+def test_generate_config_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    assert main(["generate-config", "-c", str(path)]) == 0
+    assert path.read_text().startswith("# Configuration")
+    assert main(["generate-config", "-c", str(path)]) == 1
+    assert main(["generate-config", "-c", str(path), "--force"]) == 0
+
+
+def test_migrate_then_again_is_up_to_date(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    main(["generate-config", "-c", str(path)])
+    assert main(["migrate", "-c", str(path)]) == 0
+    assert "applied [1" in capsys.readouterr().out
+    assert main(["migrate", "-c", str(path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("invites:\n  expiration: {after: 7 dayz}\n")
+    result = _cli("migrate", "-c", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["config error: invites: unknown option"]
+
+
+def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("database: {url: 'postgres://nobody@127.0.0.1:1/none'}\n")
+    result = _cli("migrate", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: database: cannot connect")
+    assert "Traceback" not in result.stderr
+
+
+async def test_keys_rotate_makes_old_key_invalid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    main(["generate-config", "-c", str(path)])
+    server = IdentityServer(load_config(path, environ={}))
+    await server.start()
+    old = server.keyring.current
+    await server.stop()
+
+    result = _cli("keys", "rotate", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "new current key ed25519:1" in result.stdout
+    assert "revoked: ed25519:0" in result.stdout
+
+    server = IdentityServer(load_config(path, environ={}))
+    await server.start()
+    try:
+        assert server.keyring.current.key_id == "ed25519:1"
+        assert await server.keys.is_valid(server.keyring.current.public_key)
+        assert not await server.keys.is_valid(old.public_key)
+        assert await server.keys.public_key("ed25519:0") == old.public_key
+    finally:
+        await server.stop()
+
+    shown = _cli("keys", "show", "-c", str(path))
+    assert "ed25519:1" in shown.stdout and "(current)" in shown.stdout
+    assert f"ed25519:0 {old.public_key} revoked" in shown.stdout
