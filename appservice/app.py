@@ -145,12 +145,10 @@ class IdentityServer:
             ssl_context=self._ssl_context(),
         )
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname() if sockets else (host, port)
+        bound_host, bound_port = self._runner.addresses[-1][:2]
         scheme = "https" if self.config.listen.tls_cert else "http"
-        log.info("identity server listening on %s://%s:%d", scheme, bound[0], bound[1])
-        return str(bound[0]), int(bound[1])
+        log.info("identity server listening on %s://%s:%d", scheme, bound_host, bound_port)
+        return str(bound_host), int(bound_port)
 
 
 async def run_forever(server: IdentityServer, host: str | None, port: int | None) -> None:

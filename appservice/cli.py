@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(
-        commands.add_parser(
-            "run", help="serve (creates the config from the example on first run)"
-        )
+        commands.add_parser("run", help="serve (creates the config from the example on first run)")
     )
     run.add_argument("--listen", type=_listen_address, help="override listen address, HOST:PORT")
     gen = with_config(commands.add_parser("generate-config", help="write a fresh config file"))
@@ -56,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     with_config(key_commands.add_parser("show", help="list the signing keys"))
     with_config(
-        key_commands.add_parser(
-            "rotate", help="make a new current key; older keys become invalid"
-        )
+        key_commands.add_parser("rotate", help="make a new current key; older keys become invalid")
     )
     return parser
 

@@ -1,4 +1,4 @@
-"""Canonical forms of third-party identifiers (spec: emails case-folded, MSISDNs as E.164 digits)."""
+"""Canonical forms of 3PIDs (spec: emails case-folded, MSISDNs as E.164 digits without +)."""
 
 from __future__ import annotations
 

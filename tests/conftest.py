@@ -55,9 +55,7 @@ def postgres_database() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[str]:
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """An empty database: a fresh SQLite file, or a fresh PostgreSQL schema."""
     if request.param == "sqlite":
         yield f"sqlite:{tmp_path / 'identity.db'}"

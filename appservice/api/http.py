@@ -30,7 +30,9 @@ _STATUS_ERRCODES = {
 }
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """A JSON response (compact, UTF-8)."""
     return web.Response(
         body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),

@@ -176,9 +176,7 @@ def _resolve_paths(obj: Any, base_dir: Path) -> Any:
     return dataclasses.replace(obj, **changes) if changes else obj
 
 
-def load_config_text(
-    text: str, base_dir: Path, environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config_text(text: str, base_dir: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Load a configuration from YAML text; relative paths are resolved against ``base_dir``."""
     try:
         data = yaml.safe_load(text)
@@ -210,9 +208,7 @@ def _validate(config: Config) -> None:
     """Checks that span more than one value's type."""
     url = config.database.url
     if not (url.startswith("sqlite:") or url.startswith(("postgres://", "postgresql://"))):
-        raise ConfigError(
-            f'database.url: "{url}" is not a sqlite: or postgres:// URL'
-        )
+        raise ConfigError(f'database.url: "{url}" is not a sqlite: or postgres:// URL')
     for i, algorithm in enumerate(config.lookup.algorithms):
         if algorithm not in ("sha256", "none"):
             raise ConfigError(f'lookup.algorithms[{i}]: "{algorithm}" is not sha256 or none')

@@ -104,7 +104,7 @@ class FederationConfig:
     allowed_networks: tuple[str, ...] = ()
     ca_file: str | None = path_field(None)
     verify_tls: bool = True
-    timeout: Duration = Duration(10)
+    timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,7 @@ class BindingStore:
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
         """Remove the binding of a 3PID to ``mxid``; False when there was none."""
         row = await self._db.fetchrow(
-            "DELETE FROM bindings WHERE medium = $1 AND address = $2 AND mxid = $3"
-            " RETURNING mxid",
+            "DELETE FROM bindings WHERE medium = $1 AND address = $2 AND mxid = $3 RETURNING mxid",
             medium,
             address,
             mxid,

@@ -12,10 +12,10 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mautrix.util.async_db import Database, Scheme
 from mautrix.util.async_db.connection import LoggingConnection
@@ -28,6 +28,11 @@ MIGRATIONS_DIR = Path(
 # An arbitrary constant that identifies this application's migration lock.
 _MIGRATION_LOCK_KEY = 0x1D5E_4A11
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(postgres|sqlite))?\.sql$")
+
+
+def _transaction(conn: LoggingConnection) -> AbstractAsyncContextManager[None]:
+    # mautrix's stub types transaction() as a coroutine; it is an async context manager.
+    return cast(AbstractAsyncContextManager[None], conn.transaction())
 
 
 class DatabaseError(Exception):
@@ -83,7 +88,9 @@ class AppDatabase:
         else:
             db_args = {"min_size": min_connections, "max_size": max_connections}
         self.db = Database.create(
-            url, db_args=db_args, log=logging.getLogger("appservice.db.sql")  # type: ignore[arg-type]
+            url,
+            db_args=db_args,
+            log=logging.getLogger("appservice.db.sql"),
         )
 
     @property
@@ -111,10 +118,15 @@ class AppDatabase:
         """Close every connection."""
         await self.db.stop()
 
+    def connection(self) -> AbstractAsyncContextManager[LoggingConnection]:
+        """A pooled connection (re-entrant within one task)."""
+        # mautrix annotates acquire() as returning the connection; it is a context manager.
+        return cast(AbstractAsyncContextManager[LoggingConnection], self.db.acquire())
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[LoggingConnection]:
         """A connection inside a transaction; nested use joins the outer transaction."""
-        async with self.db.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, _transaction(conn):
             yield conn
 
     async def execute(self, query: str, *args: Any) -> None:
@@ -137,13 +149,15 @@ class AppDatabase:
         """The newest applied migration, 0 for an empty database."""
         if not await self.db.table_exists("schema_migrations"):
             return 0
-        return int(await self.db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+        return int(
+            await self.db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        )
 
     async def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[int]:
         """Apply pending migrations; returns the versions applied (none when up to date)."""
         migrations = load_migrations(self.dialect, directory)
         known = migrations[-1].version if migrations else 0
-        async with self.db.acquire() as conn:
+        async with self.connection() as conn:
             if self.is_postgres:
                 await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
                 try:
@@ -165,7 +179,7 @@ class AppDatabase:
     async def _step(self, conn: LoggingConnection) -> AsyncIterator[None]:
         """One migration: its own transaction on PostgreSQL, part of the outer one on SQLite."""
         if self.is_postgres:
-            async with conn.transaction():
+            async with _transaction(conn):
                 yield
         else:
             yield

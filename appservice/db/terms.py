@@ -27,7 +27,5 @@ class TermsStore:
 
     async def accepted_urls(self, user_id: str) -> set[str]:
         """Every URL the user accepted."""
-        rows = await self._db.fetch(
-            "SELECT url FROM terms_acceptances WHERE user_id = $1", user_id
-        )
+        rows = await self._db.fetch("SELECT url FROM terms_acceptances WHERE user_id = $1", user_id)
         return {row["url"] for row in rows}

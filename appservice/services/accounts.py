@@ -46,7 +46,12 @@ class AccountService:
         try:
             user_id = await self._verify_openid(server_name, openid_token)
         except OpenIdError as e:
-            raise MatrixError(401, "M_UNKNOWN_TOKEN", f"OpenID token rejected: {e}") from e
+            if e.status is None or e.status < 500:
+                raise MatrixError(401, "M_UNKNOWN_TOKEN", f"OpenID token rejected: {e}") from e
+            log.warning("OpenID check with %s failed: %s", server_name, e)
+            raise MatrixError(
+                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}: {e}"
+            ) from e
         except FederationError as e:
             log.warning("OpenID check with %s failed: %s", server_name, e)
             raise MatrixError(

@@ -122,7 +122,5 @@ class LookupService:
                 wanted.setdefault(self.hash_of(medium, canonical), []).append((medium, address))
         found = await self._bindings.mxids_by_hash(list(wanted))
         return [
-            [medium, address, mxid]
-            for h, mxid in found.items()
-            for medium, address in wanted[h]
+            [medium, address, mxid] for h, mxid in found.items() for medium, address in wanted[h]
         ]

@@ -17,7 +17,9 @@ from appservice.db.bindings import Binding
 from tests.support.homeserver import FakeHomeserver
 
 
-def make_config(tmp_path: Path, database_url: str, homeserver: FakeHomeserver, yaml: str = "") -> Config:
+def make_config(
+    tmp_path: Path, database_url: str, homeserver: FakeHomeserver, yaml: str = ""
+) -> Config:
     """A config for tests: given database, key in tmp_path, the fake homeserver reachable."""
     base = load_config_text(yaml, tmp_path, environ={})
     return dataclasses.replace(

@@ -75,9 +75,7 @@ async def test_v1_status(api: Api) -> None:
 
 async def test_v1_lookup_returns_signed_association(api: Api) -> None:
     await api.add_binding("email", "alice@example.com", "@alice:hs.test")
-    status, body = await api.request(
-        "GET", f"{V1}/lookup?medium=email&address=Alice@Example.com"
-    )
+    status, body = await api.request("GET", f"{V1}/lookup?medium=email&address=Alice@Example.com")
     assert status == 200
     assert body["mxid"] == "@alice:hs.test"
     assert body["address"] == "alice@example.com"

@@ -116,9 +116,7 @@ async def test_post_terms_needs_user_accepts_list(api: Api) -> None:
 
 async def test_unknown_urls_are_ignored(api: Api) -> None:
     _, token = await api.register()
-    await api.request(
-        "POST", TERMS, token=token, json={"user_accepts": ["https://evil.example/x"]}
-    )
+    await api.request("POST", TERMS, token=token, json={"user_accepts": ["https://evil.example/x"]})
     rows = await api.server.db.fetch("SELECT url FROM terms_acceptances")
     assert rows == []
 

@@ -76,9 +76,7 @@ def test_dialect_specific_file_replaces_the_plain_one(tmp_path: Path) -> None:
     (tmp_path / "0001_init.sql").write_text("SELECT 1;")
     (tmp_path / "0001_init.postgres.sql").write_text("SELECT 2;")
     (tmp_path / "0002_more.sqlite.sql").write_text("SELECT 3;")
-    assert [(m.version, m.sql) for m in load_migrations("postgres", tmp_path)] == [
-        (1, "SELECT 2;")
-    ]
+    assert [(m.version, m.sql) for m in load_migrations("postgres", tmp_path)] == [(1, "SELECT 2;")]
     assert [(m.version, m.sql) for m in load_migrations("sqlite", tmp_path)] == [
         (1, "SELECT 1;"),
         (2, "SELECT 3;"),

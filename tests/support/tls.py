@@ -107,7 +107,9 @@ def make_test_certificates(directory: Path) -> TestCertificates:
         .sign(ca_key, hashes.SHA256())
     )
     paths = TestCertificates(
-        ca_cert=directory / "ca.pem", cert=directory / "localhost.pem", key=directory / "localhost.key"
+        ca_cert=directory / "ca.pem",
+        cert=directory / "localhost.pem",
+        key=directory / "localhost.key",
     )
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.cert.write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))

@@ -97,7 +97,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_environment_value_names_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="listen.port"):
+    with pytest.raises(ConfigError, match=r"listen\.port"):
         load_config_text("", tmp_path, environ={"APPSERVICE_LISTEN_PORT": "many"})
 
 
