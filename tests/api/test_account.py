@@ -100,6 +100,13 @@ async def test_unreachable_homeserver_is_502_and_not_500(api: Api) -> None:
     assert body["errcode"] == "M_UNKNOWN"
 
 
+async def test_homeserver_error_is_502(api: Api) -> None:
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    api.homeserver.userinfo_status = 503
+    status, body = await api.request("POST", REGISTER, json=credentials)
+    assert (status, body["errcode"]) == (502, "M_UNKNOWN")
+
+
 async def test_logout_invalidates_token(api: Api) -> None:
     _, token = await api.register()
     assert await api.request("POST", f"{ACCOUNT}/logout", token=token) == (200, {})

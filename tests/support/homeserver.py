@@ -19,6 +19,8 @@ class FakeHomeserver:
         self.openid_tokens: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
         self.port = 0
+        # When set, userinfo answers with this status (to test homeserver failures).
+        self.userinfo_status: int | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -38,6 +40,10 @@ class FakeHomeserver:
 
     async def _userinfo(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
+        if self.userinfo_status is not None:
+            return web.json_response(
+                {"errcode": "M_UNKNOWN", "error": "broken"}, status=self.userinfo_status
+            )
         user_id = self.openid_tokens.get(request.query.get("access_token", ""))
         if user_id is None:
             return web.json_response(
