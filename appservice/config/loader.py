@@ -220,6 +220,31 @@ def _validate(config: Config) -> None:
         raise ConfigError("listen.tls_cert: tls_cert and tls_key must be set together")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f'logging.level: "{config.logging.level}" is not a log level')
+    choices = {
+        "notifications.email.connector": (config.notifications.email.connector, ("smtp", "log")),
+        "notifications.sms.connector": (config.notifications.sms.connector, ("twilio", "log")),
+        "notifications.email.smtp.security": (
+            config.notifications.email.smtp.security,
+            ("none", "starttls", "tls"),
+        ),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f'{key}: "{value}" is not one of {", ".join(allowed)}')
+    twilio = config.notifications.sms.twilio
+    if config.notifications.sms.connector == "twilio" and not (
+        twilio.account_sid
+        and twilio.auth_token
+        and (twilio.from_number or twilio.messaging_service_sid)
+    ):
+        raise ConfigError(
+            "notifications.sms.twilio: account_sid, auth_token and from_number or "
+            "messaging_service_sid are required with the twilio connector"
+        )
+    if not config.server.public_base_url.startswith(("https://", "http://")):
+        raise ConfigError(
+            f'server.public_base_url: "{config.server.public_base_url}" is not an http(s) URL'
+        )
     for policy_id, policy in config.terms.policies.items():
         if not policy.languages:
             raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")

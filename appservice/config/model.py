@@ -26,6 +26,8 @@ class ServerConfig:
     # The name clients and homeservers use for this identity server (host[:port]); it signs as this
     # name and homeservers address unbind requests to it.
     name: str = "localhost:8090"
+    # The public base URL (scheme://host[:port]) of this server, used in links in messages.
+    public_base_url: str = "http://localhost:8090"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,65 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    """The SMTP server that sends email."""
+
+    host: str = "localhost"
+    port: int = 25
+    # none (plain), starttls (upgrade after connecting) or tls (implicit TLS, usually port 465).
+    security: str = "none"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = path_field(None)
+    timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    """How email is sent."""
+
+    # smtp, or log (development: messages are written to the log, nothing is sent).
+    connector: str = "log"
+    # The From: header of every message.
+    sender: str = "Matrix identity server <noreply@localhost>"
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+
+
+@dataclass(frozen=True)
+class TwilioConfig:
+    """Twilio's Messages API."""
+
+    account_sid: str = ""
+    auth_token: str = ""
+    # Send from this number (E.164, e.g. +15005550006) or through a messaging service.
+    from_number: str = ""
+    messaging_service_sid: str = ""
+    base_url: str = "https://api.twilio.com"
+    timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class SmsConfig:
+    """How SMS are sent."""
+
+    # twilio, or log (development).
+    connector: str = "log"
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """Messages to users: templates and how they are delivered."""
+
+    # A directory whose files override the built-in templates of the same name.
+    templates_dir: str | None = path_field(None)
+    # The service name shown in messages and pages.
+    brand: str = "Matrix identity server"
+    email: EmailConfig = field(default_factory=EmailConfig)
+    sms: SmsConfig = field(default_factory=SmsConfig)
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """Which API generations are served."""
 
@@ -133,5 +194,6 @@ class Config:
     terms: TermsConfig = field(default_factory=TermsConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
