@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import ssl
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appservice.api import account, keys, lookup, status, terms, v1
+from appservice.api import account, bind, keys, lookup, status, terms, v1, validation
 from appservice.api.context import ApiContext
 from appservice.api.http import RedactingAccessLogger, matrix_middleware
 from appservice.clock import Clock
@@ -20,17 +21,30 @@ from appservice.crypto.signing import KeyRing
 from appservice.db.accounts import AccountStore
 from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
+from appservice.db.ratelimits import RateLimitStore
 from appservice.db.server_state import ServerStateStore
+from appservice.db.sessions import SessionStore
 from appservice.db.signing_keys import SigningKeyStore
 from appservice.db.terms import TermsStore
 from appservice.federation.client import FederationClient
 from appservice.federation.openid import fetch_openid_user
+from appservice.federation.server_keys import ServerKeyFetcher
+from appservice.federation.xmatrix import verify_x_matrix
+from appservice.jobs.periodic import PeriodicJob
+from appservice.jobs.purge import purge_expired
+from appservice.notifications.connectors import build_email_connector, build_sms_connector
+from appservice.notifications.generator import MessageGenerator
 from appservice.services.accounts import AccountService, OpenIdVerifier
+from appservice.services.bindings import BindingService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
+from appservice.services.ratelimits import RateLimiter
+from appservice.services.sessions import SessionService
 from appservice.services.terms import TermsService
 
 log = logging.getLogger(__name__)
+
+PURGE_INTERVAL_S = 3600.0
 
 
 class IdentityServer:
@@ -74,6 +88,43 @@ class IdentityServer:
             self.clock,
         )
         self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
+        notifications = config.notifications
+        self.generator = MessageGenerator(
+            notifications.templates_dir,
+            notifications.brand,
+            config.server.name,
+            config.server.public_base_url,
+        )
+        self.email = build_email_connector(notifications.email)
+        self.sms = build_sms_connector(notifications.sms)
+        self.ratelimiter = RateLimiter(RateLimitStore(self.db), self.clock)
+        self.sessions = SessionService(
+            SessionStore(self.db),
+            self.generator,
+            self.email,
+            self.sms,
+            self.ratelimiter,
+            config.session,
+            config.ratelimits,
+            self.clock,
+        )
+        self.key_fetcher = ServerKeyFetcher(self.federation, self.clock.time)
+        own_names = (config.server.name, *config.server.alternative_names)
+        self.binding_service = BindingService(
+            self.bindings,
+            self.sessions,
+            self.lookup,
+            functools.partial(verify_x_matrix, self.key_fetcher, own_names=own_names),
+            self.generator,
+            self.email,
+            self.clock,
+            notify_unbind=config.session.policy.unbind.notify,
+        )
+        self.purge_job = PeriodicJob(
+            "purge",
+            PURGE_INTERVAL_S,
+            functools.partial(purge_expired, self.sessions, self.ratelimiter),
+        )
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -84,12 +135,16 @@ class IdentityServer:
             log.info("database migrated to version %d", applied[-1])
         await self.keys.start()
         await self.lookup.start()
+        self.purge_job.start()
 
     async def stop(self) -> None:
         """Stop serving and close every connection."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.purge_job.stop()
+        await self.email.close()
+        await self.sms.close()
         await self.federation.close()
         await self.db.stop()
 
@@ -112,7 +167,13 @@ class IdentityServer:
             terms=self.terms,
             lookup=self.lookup,
             keys=self.keys,
+            sessions=self.sessions,
+            bindings=self.binding_service,
             health=self.health,
+            render_page=self.generator.page,
+            trusted_proxies=[
+                ipaddress.ip_network(n, strict=False) for n in self.config.listen.trusted_proxies
+            ],
             v1_enabled=self.config.api.v1_enabled,
         )
         status.add_routes(app.router, ctx)
@@ -120,6 +181,8 @@ class IdentityServer:
         terms.add_routes(app.router, ctx)
         lookup.add_routes(app.router, ctx)
         keys.add_routes(app.router, ctx, "/_matrix/identity/v2")
+        validation.add_routes(app.router, ctx)
+        bind.add_routes(app.router, ctx)
         if ctx.v1_enabled:
             v1.add_routes(app.router, ctx)
         return app

@@ -1,28 +1,76 @@
-"""Canonical forms of 3PIDs (spec: emails case-folded, MSISDNs as E.164 digits without +)."""
+"""3PIDs and identifiers: canonical forms (emails case-folded, MSISDNs as E.164 digits without
+``+``) and the grammars of client-chosen identifiers."""
 
 from __future__ import annotations
 
 import re
 
+import phonenumbers
+
 MEDIUMS = ("email", "msisdn")
 
 _MSISDN = re.compile(r"^[1-9][0-9]{4,14}$")
+# client_secret, sid, store-invite tokens: ^[0-9a-zA-Z.=_-]{1,255}$ (spec).
+_OPAQUE_ID = re.compile(r"^[0-9a-zA-Z.=_-]{1,255}$")
+_EMAIL_LOCAL_FORBIDDEN = set(' \t\r\n<>()[]\\,;:"@')
+_DOMAIN_LABEL = re.compile(r"^[^\W_](?:[\w-]{0,61}[^\W_])?$")
+# Synapse accepts addresses up to 500 characters and forwards them, so we do too.
+MAX_EMAIL_LENGTH = 500
+
+
+def parse_email(address: str) -> str | None:
+    """The canonical (case-folded) form of a plain ``local@domain`` address, else None."""
+    address = address.strip()
+    if not address or len(address) > MAX_EMAIL_LENGTH or address.count("@") != 1:
+        return None
+    local, domain = address.split("@")
+    if not local or any(c in _EMAIL_LOCAL_FORBIDDEN or not c.isprintable() for c in local):
+        return None
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        return None
+    labels = domain.split(".")
+    if not all(_DOMAIN_LABEL.match(label) for label in labels):
+        return None
+    return address.casefold()
+
+
+def parse_phone_number(country: str, phone_number: str) -> str | None:
+    """E.164 digits (no ``+``) of a number dialled from ``country`` (ISO 3166-1 alpha-2)."""
+    if not re.fullmatch(r"[A-Z]{2}", country) or len(phone_number) > 64:
+        return None
+    try:
+        parsed = phonenumbers.parse(phone_number, country)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(parsed):
+        return None
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164).lstrip("+")
 
 
 def canonical_address(medium: str, address: str) -> str | None:
     """The canonical form of ``address`` for ``medium``, or None when it cannot be one."""
     if medium == "email":
-        address = address.strip()
-        if address.count("@") != 1 or any(c.isspace() for c in address):
-            return None
-        local, domain = address.split("@")
-        if not local or not domain:
-            return None
-        return address.casefold()
+        return parse_email(address)
     if medium == "msisdn":
         digits = address.strip().removeprefix("+")
         return digits if _MSISDN.match(digits) else None
     return None
+
+
+def is_opaque_id(value: str) -> bool:
+    """Whether ``value`` fits the grammar of ``client_secret``, ``sid`` and invite tokens."""
+    return bool(_OPAQUE_ID.match(value))
+
+
+def user_id_server(user_id: str) -> str | None:
+    """The server name of a Matrix user ID with a valid grammar, else None."""
+    if len(user_id.encode()) > 255 or not user_id.startswith("@"):
+        return None
+    localpart, sep, server = user_id[1:].partition(":")
+    # Historical localparts (printable ASCII) still exist, so only the sigil and ':' are checked.
+    if not sep or not server or not localpart or not all("!" <= c <= "~" for c in localpart):
+        return None
+    return server
 
 
 def obfuscate_email(address: str) -> str:

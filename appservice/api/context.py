@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from appservice.api.http import access_token
+from appservice.api.http import IPNetwork, access_token
 from appservice.services.accounts import AccountService
+from appservice.services.bindings import BindingService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
+from appservice.services.sessions import SessionService
 from appservice.services.terms import TermsService
 
 
@@ -23,7 +25,12 @@ class ApiContext:
     terms: TermsService
     lookup: LookupService
     keys: KeyService
+    sessions: SessionService
+    bindings: BindingService
     health: Callable[[], Awaitable[dict[str, Any]]]
+    # Renders a web page template (validation result pages).
+    render_page: Callable[..., str]
+    trusted_proxies: Sequence[IPNetwork] = ()
     v1_enabled: bool = True
 
     async def user_id(self, request: web.Request, *, enforce_terms: bool = True) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from appservice.errors import MatrixError, bad_json, missing_params
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -159,3 +161,31 @@ class RedactingAccessLogger(AbstractAccessLogger):
             response.status,
             time * 1000,
         )
+
+
+def client_ip(request: web.Request, trusted_proxies: Sequence[IPNetwork]) -> str:
+    """The client's address: the peer, or from X-Forwarded-For when the peer is a trusted proxy.
+
+    The header is read right to left, skipping trusted proxies, so a client cannot spoof it by
+    sending its own X-Forwarded-For.
+    """
+    peer = request.remote or ""
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted_proxies)
+
+    if not trusted(peer):
+        return peer
+    hops = [
+        hop.strip()
+        for header in request.headers.getall("X-Forwarded-For", [])
+        for hop in header.split(",")
+    ]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            return hop
+    return peer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -12,7 +13,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from appservice.config.model import Config, Duration
+from appservice.config.model import Config, Duration, RateLimit
 
 ENV_PREFIX = "APPSERVICE_"
 
@@ -245,6 +246,19 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f'server.public_base_url: "{config.server.public_base_url}" is not an http(s) URL'
         )
+    for name in ("request_token_per_address", "request_token_per_ip"):
+        limit: RateLimit = getattr(config.ratelimits, name)
+        if limit.limit < 1 or limit.period <= 0:
+            raise ConfigError(f"ratelimits.{name}: limit and period must be positive")
+    if config.session.max_attempts < 1:
+        raise ConfigError("session.max_attempts: must be at least 1")
+    for i, network in enumerate(config.listen.trusted_proxies):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f'listen.trusted_proxies[{i}]: "{network}" is not a network'
+            ) from None
     for policy_id, policy in config.terms.policies.items():
         if not policy.languages:
             raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")

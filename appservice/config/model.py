@@ -26,6 +26,9 @@ class ServerConfig:
     # The name clients and homeservers use for this identity server (host[:port]); it signs as this
     # name and homeservers address unbind requests to it.
     name: str = "localhost:8090"
+    # Other names clients use for this server (e.g. "id.example.org:443" beside "id.example.org");
+    # homeservers sign unbind requests for the name their user typed.
+    alternative_names: tuple[str, ...] = ()
     # The public base URL (scheme://host[:port]) of this server, used in links in messages.
     public_base_url: str = "http://localhost:8090"
 
@@ -39,6 +42,8 @@ class ListenConfig:
     tls_cert: str | None = path_field(None)
     tls_key: str | None = path_field(None)
     max_body_bytes: int = 1_048_576
+    # Reverse proxies (CIDRs) whose X-Forwarded-For header tells the client's address.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,60 @@ class FederationConfig:
     ca_file: str | None = path_field(None)
     verify_tls: bool = True
     timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class ValidationPolicyConfig:
+    """Whether 3PID validation sessions are offered."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class UnbindPolicyConfig:
+    """What happens when a 3PID is unbound."""
+
+    # Email the address that it was unbound from its Matrix ID.
+    notify: bool = False
+
+
+@dataclass(frozen=True)
+class SessionPolicyConfig:
+    """Policies of validation sessions."""
+
+    validation: ValidationPolicyConfig = field(default_factory=ValidationPolicyConfig)
+    unbind: UnbindPolicyConfig = field(default_factory=UnbindPolicyConfig)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """3PID validation sessions."""
+
+    policy: SessionPolicyConfig = field(default_factory=SessionPolicyConfig)
+    # A session can be validated (and used to bind) this long after its last change.
+    lifetime: Duration = Duration(86400)  # noqa: RUF009 (an immutable float)
+    # Wrong tokens accepted before a session is dead.
+    max_attempts: int = 5
+    # next_link values starting with one of these prefixes are followed even if not https://.
+    next_link_allowlist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` events per ``period``."""
+
+    limit: int
+    period: Duration
+
+
+@dataclass(frozen=True)
+class RateLimitsConfig:
+    """Limits kept in the database, so they hold across instances."""
+
+    request_token_per_address: RateLimit = field(
+        default_factory=lambda: RateLimit(5, Duration(3600))
+    )
+    request_token_per_ip: RateLimit = field(default_factory=lambda: RateLimit(30, Duration(3600)))
 
 
 @dataclass(frozen=True)
@@ -194,6 +253,8 @@ class Config:
     terms: TermsConfig = field(default_factory=TermsConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -34,3 +34,25 @@ __all__ = [
     "is_valid_server_name",
     "parse_server_name",
 ]
+
+from appservice.federation.server_keys import (
+    ServerKeyError,
+    ServerKeyFetcher,
+    ServerKeys,
+)
+from appservice.federation.xmatrix import (
+    XMatrixAuthorization,
+    XMatrixError,
+    parse_x_matrix,
+    verify_x_matrix,
+)
+
+__all__ += [
+    "ServerKeyError",
+    "ServerKeyFetcher",
+    "ServerKeys",
+    "XMatrixAuthorization",
+    "XMatrixError",
+    "parse_x_matrix",
+    "verify_x_matrix",
+]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from appservice.app import IdentityServer
@@ -15,31 +15,84 @@ from appservice.clock import FakeClock
 from appservice.config import Config, load_config_text
 from appservice.db.bindings import Binding
 from tests.support.homeserver import FakeHomeserver
+from tests.support.signing_homeserver import SigningHomeserver
+from tests.support.smtp import SmtpSink
+from tests.support.twilio import FakeTwilio
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def make_config(
-    tmp_path: Path, database_url: str, homeserver: FakeHomeserver, yaml: str = ""
+    tmp_path: Path,
+    database_url: str,
+    homeservers: dict[str, str],
+    yaml_text: str = "",
+    *,
+    smtp: SmtpSink | None = None,
+    twilio: FakeTwilio | None = None,
 ) -> Config:
-    """A config for tests: given database, key in tmp_path, the fake homeserver reachable."""
-    base = load_config_text(yaml, tmp_path, environ={})
-    return dataclasses.replace(
-        base,
-        database=dataclasses.replace(base.database, url=database_url),
-        federation=dataclasses.replace(
-            base.federation,
-            overrides={homeserver.server_name: homeserver.base_url, **base.federation.overrides},
-            allowed_networks=("127.0.0.0/8",),
-        ),
-    )
+    """A config for tests: the given database, a key in tmp_path, loopback homeservers (name ->
+    base URL) reachable, and mail/SMS going to the loopback SMTP sink and fake Twilio."""
+    settings: dict[str, Any] = {
+        "server": {"name": "id.test", "public_base_url": "https://id.test"},
+        "database": {"url": database_url},
+        "federation": {"overrides": homeservers, "allowed_networks": ["127.0.0.0/8"]},
+    }
+    if smtp is not None:
+        settings["notifications"] = {
+            "email": {
+                "connector": "smtp",
+                "sender": "Identity <id@id.test>",
+                "smtp": {"host": "127.0.0.1", "port": smtp.port},
+            }
+        }
+    if twilio is not None:
+        settings = _merge(
+            settings,
+            {
+                "notifications": {
+                    "sms": {
+                        "connector": "twilio",
+                        "twilio": {
+                            "account_sid": twilio.account_sid,
+                            "auth_token": twilio.auth_token,
+                            "from_number": "+15005550006",
+                            "base_url": twilio.base_url,
+                        },
+                    }
+                }
+            },
+        )
+    settings = _merge(settings, yaml.safe_load(yaml_text) or {})
+    return load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
 
 
 class Api:
     """A test client with helpers for registering users."""
 
-    def __init__(self, client: TestClient, server: IdentityServer, homeserver: FakeHomeserver):
+    def __init__(
+        self,
+        client: TestClient,
+        server: IdentityServer,
+        homeserver: FakeHomeserver,
+        smtp: SmtpSink,
+        twilio: FakeTwilio,
+        signing_homeserver: SigningHomeserver,
+    ):
         self.client = client
         self.server = server
         self.homeserver = homeserver
+        self.smtp = smtp
+        self.twilio = twilio
+        self.signing_homeserver = signing_homeserver
         self._count = 0
 
     async def request(
@@ -89,17 +142,61 @@ def config_yaml() -> str:
 
 
 @pytest.fixture
+async def smtp_sink() -> AsyncIterator[SmtpSink]:
+    """A real SMTP server on loopback that keeps what it receives."""
+    async with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    """A loopback server speaking Twilio's Messages API."""
+    async with FakeTwilio() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def signing_homeserver() -> AsyncIterator[SigningHomeserver]:
+    """A loopback homeserver with a signing key, as a homeserver that signs unbind requests."""
+    async with SigningHomeserver("signing.test") as hs:
+        yield hs
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The server's clock, moved by tests instead of sleeping."""
+    return FakeClock()
+
+
+@pytest.fixture
 async def api(
-    tmp_path: Path, database_url: str, homeserver: FakeHomeserver, config_yaml: str
+    tmp_path: Path,
+    database_url: str,
+    homeserver: FakeHomeserver,
+    smtp_sink: SmtpSink,
+    twilio: FakeTwilio,
+    signing_homeserver: SigningHomeserver,
+    clock: FakeClock,
+    config_yaml: str,
 ) -> AsyncIterator[Api]:
     """An identity server on a fresh database, behind an aiohttp test client."""
-    config = make_config(tmp_path, database_url, homeserver, config_yaml)
-    server = IdentityServer(config, clock=FakeClock())
+    config = make_config(
+        tmp_path,
+        database_url,
+        {
+            homeserver.server_name: homeserver.base_url,
+            signing_homeserver.server_name: signing_homeserver.base_url,
+        },
+        config_yaml,
+        smtp=smtp_sink,
+        twilio=twilio,
+    )
+    server = IdentityServer(config, clock=clock)
     await server.start()
     client = TestClient(TestServer(server.public_app()))
     await client.start_server()
     try:
-        yield Api(client, server, homeserver)
+        yield Api(client, server, homeserver, smtp_sink, twilio, signing_homeserver)
     finally:
         await client.close()
         await server.stop()

@@ -1,0 +1,117 @@
+"""``/v2/validate/{email,msisdn}/*`` and ``/v2/3pid/getValidated3pid``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from appservice.api.context import ApiContext
+from appservice.api.http import (
+    client_ip,
+    int_field,
+    json_body,
+    json_response,
+    query_param,
+    require_fields,
+    string_field,
+)
+from appservice.errors import MatrixError, bad_json
+
+PREFIX = "/_matrix/identity/v2"
+
+
+def _optional_string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad_json(f"{name} must be a string")
+    return value
+
+
+def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
+    """Register the handlers of this module."""
+
+    async def request_email_token(request: web.Request) -> web.Response:
+        await ctx.user_id(request)
+        body = await json_body(request)
+        require_fields(body, "client_secret", "email", "send_attempt")
+        sid = await ctx.sessions.request_email_token(
+            client_secret=string_field(body, "client_secret"),
+            email=string_field(body, "email"),
+            send_attempt=int_field(body, "send_attempt"),
+            next_link=_optional_string(body, "next_link"),
+            requester_ip=client_ip(request, ctx.trusted_proxies),
+        )
+        return json_response({"sid": sid})
+
+    async def request_msisdn_token(request: web.Request) -> web.Response:
+        await ctx.user_id(request)
+        body = await json_body(request)
+        require_fields(body, "client_secret", "country", "phone_number", "send_attempt")
+        sid = await ctx.sessions.request_msisdn_token(
+            client_secret=string_field(body, "client_secret"),
+            country=string_field(body, "country"),
+            phone_number=string_field(body, "phone_number"),
+            send_attempt=int_field(body, "send_attempt"),
+            next_link=_optional_string(body, "next_link"),
+            requester_ip=client_ip(request, ctx.trusted_proxies),
+        )
+        return json_response({"sid": sid})
+
+    async def submit_token(request: web.Request) -> web.Response:
+        await ctx.user_id(request)
+        body = await json_body(request)
+        require_fields(body, "sid", "client_secret", "token")
+        await ctx.sessions.submit_token(
+            string_field(body, "sid"),
+            string_field(body, "client_secret"),
+            string_field(body, "token"),
+        )
+        return json_response({"success": True})
+
+    async def submit_token_link(request: web.Request) -> web.StreamResponse:
+        """The link in the email: no access token, answers a web page (or a redirect)."""
+        try:
+            result = await ctx.sessions.submit_token(
+                query_param(request, "sid"),
+                query_param(request, "client_secret"),
+                query_param(request, "token"),
+            )
+        except MatrixError as e:
+            return _page(ctx, "validation_failure.html", e.status, reason=e.error)
+        if result.next_link is not None and ctx.sessions.follows_next_link(result.next_link):
+            raise web.HTTPFound(result.next_link)
+        return _page(ctx, "validation_success.html", 200)
+
+    async def get_validated_threepid(request: web.Request) -> web.Response:
+        await ctx.user_id(request)
+        threepid = await ctx.sessions.validated_threepid(
+            query_param(request, "sid"), query_param(request, "client_secret")
+        )
+        return json_response(
+            {
+                "medium": threepid.medium,
+                "address": threepid.address,
+                "validated_at": threepid.validated_at,
+            }
+        )
+
+    for medium, request_token in (
+        ("email", request_email_token),
+        ("msisdn", request_msisdn_token),
+    ):
+        router.add_post(f"{PREFIX}/validate/{medium}/requestToken", request_token)
+        router.add_post(f"{PREFIX}/validate/{medium}/submitToken", submit_token)
+        router.add_get(f"{PREFIX}/validate/{medium}/submitToken", submit_token_link)
+    router.add_get(f"{PREFIX}/3pid/getValidated3pid", get_validated_threepid)
+
+
+def _page(ctx: ApiContext, name: str, status: int, **variables: Any) -> web.Response:
+    return web.Response(
+        text=ctx.render_page(name, **variables),
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+    )

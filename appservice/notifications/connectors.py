@@ -1,0 +1,74 @@
+"""How messages leave the server: the connector protocols, the log connector and the factories."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from appservice.config import EmailConfig, SmsConfig
+from appservice.notifications.message import EmailMessage, SmsMessage
+from appservice.notifications.smtp import SmtpConnector
+from appservice.notifications.twilio import TwilioConnector
+
+log = logging.getLogger(__name__)
+
+
+class EmailConnector(Protocol):
+    """Delivers emails."""
+
+    async def send_email(self, msg: EmailMessage) -> None:
+        """Send ``msg``; raise ``NotificationError`` when it was not accepted."""
+
+    async def close(self) -> None:
+        """Release connections (at shutdown)."""
+
+
+class SmsConnector(Protocol):
+    """Delivers SMS."""
+
+    async def send_sms(self, msg: SmsMessage) -> None:
+        """Send ``msg``; raise ``NotificationError`` when it was not accepted."""
+
+    async def close(self) -> None:
+        """Release connections (at shutdown)."""
+
+
+class LogConnector:
+    """Development: writes each message to the log at INFO and sends nothing.
+
+    The text body is logged so that a developer can follow a validation link. Never use it in
+    production: tokens end up in the log.
+    """
+
+    MARKER = "[log connector, not sent]"
+
+    async def send_email(self, msg: EmailMessage) -> None:
+        """Log the email."""
+        log.info("%s email to %s, subject %r:\n%s", self.MARKER, msg.to, msg.subject, msg.text)
+
+    async def send_sms(self, msg: SmsMessage) -> None:
+        """Log the SMS."""
+        log.info("%s SMS to +%s: %s", self.MARKER, msg.to, msg.text)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def build_email_connector(config: EmailConfig) -> EmailConnector:
+    """The email connector ``notifications.email`` asks for."""
+    if config.connector == "smtp":
+        return SmtpConnector(config.smtp, config.sender)
+    if config.connector == "log":
+        log.warning("Emails are written to the log and not sent (notifications.email: log)")
+        return LogConnector()
+    raise ValueError(f"unknown email connector {config.connector!r}")
+
+
+def build_sms_connector(config: SmsConfig) -> SmsConnector:
+    """The SMS connector ``notifications.sms`` asks for."""
+    if config.connector == "twilio":
+        return TwilioConnector(config.twilio)
+    if config.connector == "log":
+        log.warning("SMS are written to the log and not sent (notifications.sms: log)")
+        return LogConnector()
+    raise ValueError(f"unknown SMS connector {config.connector!r}")

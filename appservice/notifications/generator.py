@@ -1,0 +1,282 @@
+"""Messages and pages rendered from Jinja2 templates, which operators can override.
+
+Templates are looked up in ``notifications.templates_dir`` first, then in the built-in
+``appservice/templates/`` directory, so an operator copies and edits only the files they want to
+change. Templates whose name ends in ``.html`` are autoescaped; ``.txt`` templates are not. An
+undefined variable is an error (``StrictUndefined``), and every template is rendered once with
+sample values when the generator is built, so a typo stops start-up with the template's name
+instead of failing the first real message.
+
+Templates
+=========
+
+Emails (each is three files: subject line, plain-text body, HTML body):
+
+``validation_email.subject.txt``, ``validation_email.txt``, ``validation_email.html``
+    Sent by ``requestToken`` to verify an email address.
+    ``to``, ``token``, ``sid``, ``client_secret``, ``link`` (the full submitToken URL, with the
+    query already URL-encoded), ``next_link_present`` (true when the client gave a
+    ``next_link``: the user is taken back to it after clicking).
+``unbind_email.subject.txt``, ``unbind_email.txt``, ``unbind_email.html``
+    Tells the owner of an address that it was unbound from a Matrix ID.
+    ``to``, ``mxid``.
+``invite_email.subject.txt``, ``invite_email.txt``, ``invite_email.html``
+    A third-party invite to someone known only by their email address. The raw values, any of
+    which may be an empty string: ``to``, ``sender``, ``sender_display_name``, ``room_id``,
+    ``room_name``, ``room_alias``, ``room_avatar_url``, ``room_type``, ``token``,
+    ``join_url``. Derived values that always read well: ``sender_label`` (the display name,
+    else the sender's Matrix ID, else "Someone"), ``room_label`` (the room name, else its
+    alias, else "a room" or "a space"), ``is_space`` (``room_type == "m.space"``),
+    ``room_avatar_http_url`` (``room_avatar_url`` when it is an ``https://`` URL, else empty:
+    mail clients cannot show ``mxc://`` URLs).
+
+SMS:
+
+``validation.sms.txt``
+    Sent by ``requestToken`` to verify a phone number. ``to`` (E.164 digits without ``+``),
+    ``token``.
+
+Web pages (rendered by ``GET .../validate/email/submitToken``):
+
+``validation_success.html``
+    The address is verified. No extra variables.
+``validation_failure.html``
+    It is not. ``reason`` (a sentence saying why, e.g. the link expired).
+
+Layouts, which the built-in templates extend (override them to restyle everything at once):
+``_email_layout.html`` (blocks ``title``, ``content``, ``footer``), ``_email_footer.txt``
+(included at the end of each plain-text email), ``_page_layout.html`` (blocks ``title``,
+``content``).
+
+Every template also gets ``brand`` (``notifications.brand``), ``server_name`` (``server.name``)
+and ``public_base_url`` (``server.public_base_url``, without a trailing slash).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+
+from appservice.config import ConfigError
+from appservice.notifications.message import EmailMessage, NotificationError, SmsMessage
+
+BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
+
+EMAIL_TEMPLATES = ("validation_email", "unbind_email", "invite_email")
+SMS_TEMPLATES = ("validation",)
+PAGE_TEMPLATES = ("validation_success", "validation_failure")
+
+# Long room names and display names are cut so that subjects and headings stay readable.
+_LABEL_MAX = 80
+_SUBJECT_MAX = 200
+_DERIVED = ("is_space", "room_label", "sender_label", "room_avatar_http_url")
+
+
+def _shorten(value: str, limit: int) -> str:
+    value = " ".join(value.split())
+    return value if len(value) <= limit else value[: limit - 1].rstrip() + "…"
+
+
+class MessageGenerator:
+    """Renders the emails, SMS and web pages the identity server sends or serves."""
+
+    def __init__(
+        self,
+        templates_dir: str | None,
+        brand: str,
+        server_name: str,
+        public_base_url: str,
+    ) -> None:
+        """Load the templates and check that each one renders.
+
+        Raises ``ConfigError`` naming the template when an operator template (or the
+        directory) is broken.
+        """
+        loaders: list[jinja2.BaseLoader] = []
+        if templates_dir is not None:
+            if not Path(templates_dir).is_dir():
+                raise ConfigError(
+                    f'notifications.templates_dir: "{templates_dir}" is not a directory'
+                )
+            loaders.append(jinja2.FileSystemLoader(templates_dir))
+        loaders.append(jinja2.FileSystemLoader(str(BUILTIN_TEMPLATES_DIR)))
+        self._env = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            autoescape=jinja2.select_autoescape(
+                enabled_extensions=("html",),
+                disabled_extensions=("txt",),
+                default_for_string=False,
+                default=False,
+            ),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            # Templates are read once; an edit takes effect at the next start.
+            auto_reload=False,
+        )
+        self._globals: dict[str, Any] = {
+            "brand": brand,
+            "server_name": server_name,
+            "public_base_url": public_base_url.rstrip("/"),
+        }
+        self._check()
+
+    # Messages
+
+    def validation_email(
+        self,
+        to: str,
+        token: str,
+        sid: str,
+        client_secret: str,
+        next_link_present: bool,
+    ) -> EmailMessage:
+        """The email that verifies an address: a link to submitToken and the token itself."""
+        query = urlencode({"sid": sid, "client_secret": client_secret, "token": token})
+        base = self._globals["public_base_url"]
+        link = f"{base}/_matrix/identity/v2/validate/email/submitToken?{query}"
+        return self._email(
+            "validation_email",
+            to=to,
+            token=token,
+            sid=sid,
+            client_secret=client_secret,
+            link=link,
+            next_link_present=next_link_present,
+        )
+
+    def validation_sms(self, to: str, token: str) -> SmsMessage:
+        """The SMS that verifies a phone number (``to`` in E.164 digits without ``+``)."""
+        text = self._render("validation.sms.txt", {"to": to, "token": token}).strip()
+        return SmsMessage(to=to, text=text)
+
+    def unbind_email(self, to: str, mxid: str) -> EmailMessage:
+        """The notice that ``to`` is no longer bound to ``mxid``."""
+        return self._email("unbind_email", to=to, mxid=mxid)
+
+    def invite_email(
+        self,
+        to: str,
+        *,
+        sender: str,
+        sender_display_name: str,
+        room_id: str,
+        room_name: str,
+        room_alias: str,
+        room_avatar_url: str,
+        room_type: str,
+        token: str,
+        join_url: str,
+    ) -> EmailMessage:
+        """A third-party invite; any room or sender field may be empty."""
+        variables = self._invite_variables(
+            {
+                "to": to,
+                "sender": sender,
+                "sender_display_name": sender_display_name,
+                "room_id": room_id,
+                "room_name": room_name,
+                "room_alias": room_alias,
+                "room_avatar_url": room_avatar_url,
+                "room_type": room_type,
+                "token": token,
+                "join_url": join_url,
+            }
+        )
+        return self._email("invite_email", **variables)
+
+    def page(self, name: str, **variables: Any) -> str:
+        """A web page, e.g. ``page("validation_failure", reason="...")``.
+
+        ``name`` may be given with or without its ``.html`` suffix.
+        """
+        if not name.endswith(".html"):
+            name += ".html"
+        return self._render(name, variables)
+
+    # Internals
+
+    @staticmethod
+    def _invite_variables(given: dict[str, str]) -> dict[str, Any]:
+        is_space = given["room_type"] == "m.space"
+        room_label = (
+            given["room_name"] or given["room_alias"] or ("a space" if is_space else "a room")
+        )
+        sender_label = given["sender_display_name"] or given["sender"] or "Someone"
+        avatar = given["room_avatar_url"]
+        return {
+            **given,
+            "is_space": is_space,
+            "room_label": _shorten(room_label, _LABEL_MAX),
+            "sender_label": _shorten(sender_label, _LABEL_MAX),
+            "room_avatar_http_url": avatar if avatar.startswith("https://") else "",
+        }
+
+    def _email(self, name: str, **variables: Any) -> EmailMessage:
+        subject = self._render(f"{name}.subject.txt", variables)
+        return EmailMessage(
+            to=variables["to"],
+            # A subject is one line, whatever the template or a room name contains.
+            subject=_shorten(subject, _SUBJECT_MAX),
+            text=self._render(f"{name}.txt", variables),
+            html=self._render(f"{name}.html", variables),
+        )
+
+    def _render(self, name: str, variables: dict[str, Any]) -> str:
+        try:
+            template = self._env.get_template(name)
+            return template.render({**variables, **self._globals})
+        except jinja2.TemplateSyntaxError as e:
+            where = f"{e.name or name}, line {e.lineno}"
+            raise NotificationError(f"template {where}: {e.message}") from e
+        except jinja2.TemplateError as e:
+            # Jinja's messages name the missing template or variable, not the values.
+            raise NotificationError(f"template {name}: {e.message}") from e
+        except Exception as e:
+            # A filter or operator misused in a template; the message could quote a value.
+            raise NotificationError(f"template {name}: {type(e).__name__}") from e
+
+    def _check(self) -> None:
+        """Render every template with sample values (both full and empty invite fields)."""
+        full_invite = self._invite_variables(
+            {
+                "to": "alice@example.org",
+                "sender": "@bob:example.org",
+                "sender_display_name": "Bob",
+                "room_id": "!room:example.org",
+                "room_name": "Example room",
+                "room_alias": "#example:example.org",
+                "room_avatar_url": "https://example.org/avatar.png",
+                "room_type": "m.space",
+                "token": "sampletoken",
+                "join_url": "https://example.org/join",
+            }
+        )
+        empty_invite = self._invite_variables(
+            {key: "" for key in full_invite if key not in _DERIVED} | {"to": "alice@example.org"}
+        )
+        validation = {
+            "to": "alice@example.org",
+            "token": "sampletoken",
+            "sid": "samplesid",
+            "client_secret": "samplesecret",
+            "link": "https://example.org/submitToken",
+        }
+        samples: list[tuple[str, dict[str, Any]]] = [
+            ("validation_email", {**validation, "next_link_present": True}),
+            ("validation_email", {**validation, "next_link_present": False}),
+            ("unbind_email", {"to": "alice@example.org", "mxid": "@alice:example.org"}),
+            ("invite_email", full_invite),
+            ("invite_email", empty_invite),
+        ]
+        try:
+            for name, variables in samples:
+                self._email(name, **variables)
+            self._render("validation.sms.txt", {"to": "15005550006", "token": "123456"})
+            self.page("validation_success")
+            self.page("validation_failure", reason="The link has expired.")
+        except NotificationError as e:
+            raise ConfigError(f"notifications.templates_dir: {e}") from e

@@ -1,0 +1,360 @@
+"""Email over SMTP with aiosmtplib, reusing connections.
+
+Up to ``max_connections`` SMTP sessions are open at once; a session that finished a mail is
+kept for the next one for ``max_idle`` seconds (then closed with ``QUIT``), so a burst of mails
+pays for one handshake (and TLS negotiation, and AUTH) per session instead of one per mail.
+A mail counts as sent only when the server answered ``250`` to its data. A kept-alive session
+that the server dropped in the meantime (it closes, or answers ``421``) is noticed at the first
+command of the next mail, which is then retried once on a fresh session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.message
+import email.policy
+import email.utils
+import logging
+import re
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from appservice.config import ConfigError, SmtpConfig
+from appservice.notifications.message import EmailMessage, NotificationError
+
+log = logging.getLogger(__name__)
+
+# One address, no display name, no header syntax: what a client may register.
+_ADDRESS = re.compile(r'[^\s@<>,;"()\[\]\\]+@[^\s@<>,;"()\[\]\\]+')
+# Servers commonly limit the mails per session; start a fresh one before they complain.
+_MAX_MAILS_PER_SESSION = 100
+
+
+@dataclass(eq=False)
+class _Session:
+    """One SMTP connection and its bookkeeping."""
+
+    smtp: aiosmtplib.SMTP
+    mails: int = 0
+    expiry: asyncio.TimerHandle | None = field(default=None)
+
+
+class _BrokenSession(Exception):
+    """The kept-alive session failed before the server saw anything of this mail."""
+
+
+def _ascii_address(address: str) -> tuple[str, bool]:
+    """The address with an ASCII (IDNA) domain, and whether its local part needs SMTPUTF8."""
+    local, _, domain = address.rpartition("@")
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise NotificationError("the recipient's domain is not a valid domain name") from e
+    return f"{local}@{domain}", not local.isascii()
+
+
+class SmtpConnector:
+    """Sends email through one SMTP server (``notifications.email.smtp``)."""
+
+    def __init__(
+        self,
+        config: SmtpConfig,
+        sender: str,
+        *,
+        max_connections: int = 4,
+        max_idle: float = 30.0,
+    ) -> None:
+        """Check the options and load the TLS trust store (at start-up, not per mail).
+
+        ``sender`` is the ``From:`` header (``"Name <address>"`` or a bare address); its address
+        is the envelope sender and its domain names the ``Message-ID``.
+        """
+        if config.security not in ("none", "starttls", "tls"):
+            raise ConfigError(
+                f'notifications.email.smtp.security: "{config.security}" is not one of '
+                "none, starttls, tls"
+            )
+        _, address = email.utils.parseaddr(sender)
+        if not _ADDRESS.fullmatch(address):
+            raise ConfigError(f'notifications.email.sender: "{sender}" has no email address')
+        self._config = config
+        self._sender = sender
+        self._envelope_from = address
+        domain = address.rpartition("@")[2]
+        try:
+            self._msgid_domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise ConfigError(f'notifications.email.sender: "{domain}" is not a domain') from e
+        self._tls_context: ssl.SSLContext | None = None
+        if config.security != "none":
+            self._tls_context = ssl.create_default_context()
+            if config.ca_file is not None:
+                try:
+                    self._tls_context.load_verify_locations(cafile=config.ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise ConfigError(
+                        f'notifications.email.smtp.ca_file: cannot load "{config.ca_file}": {e}'
+                    ) from e
+        elif config.username is not None:
+            log.warning(
+                "SMTP credentials are configured with security: none; they cross the network "
+                "in clear text"
+            )
+        self._max_connections = max_connections
+        self._max_idle = max_idle
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[_Session] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._local_hostname: str | None = None
+        self._closed = False
+
+    @property
+    def _where(self) -> str:
+        return f"{self._config.host}:{self._config.port}"
+
+    async def send_email(self, msg: EmailMessage) -> None:
+        """Send ``msg``; return once the server accepted it, else raise ``NotificationError``."""
+        try:
+            data, recipient, utf8 = self._serialise(msg)
+        except NotificationError as e:
+            log.warning("Email not sent: %s", e)
+            raise
+        if self._closed:
+            raise NotificationError("the SMTP connector is closed")
+        async with self._slots:
+            if self._closed:
+                raise NotificationError("the SMTP connector is closed")
+            try:
+                await self._deliver(data, recipient, utf8)
+            except NotificationError as e:
+                log.warning("Email not sent: %s", e)
+                raise
+
+    async def close(self) -> None:
+        """Wait for mails in flight, then end every session politely."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in range(self._max_connections):
+            await self._slots.acquire()
+        idle, self._idle = self._idle, []
+        for session in idle:
+            if session.expiry is not None:
+                session.expiry.cancel()
+            self._quit_later(session)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for _ in range(self._max_connections):
+            self._slots.release()
+
+    # The message
+
+    def _serialise(self, msg: EmailMessage) -> tuple[bytes, str, bool]:
+        """The message as bytes for DATA, the envelope recipient, and whether it needs SMTPUTF8."""
+        if not _ADDRESS.fullmatch(msg.to):
+            raise NotificationError("the recipient is not a single email address")
+        recipient, to_utf8 = _ascii_address(msg.to)
+        utf8 = to_utf8 or not self._envelope_from.isascii()
+        mime = email.message.EmailMessage(policy=email.policy.SMTP)
+        try:
+            mime["From"] = self._sender
+            # The domain in its ASCII (IDNA) form unless the address needs SMTPUTF8 anyway.
+            mime["To"] = msg.to if to_utf8 else recipient
+            mime["Subject"] = msg.subject
+            mime["Date"] = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
+            mime["Message-ID"] = email.utils.make_msgid(domain=self._msgid_domain)
+            # RFC 3834: no out-of-office replies to a robot.
+            mime["Auto-Submitted"] = "auto-generated"
+            mime.set_content(msg.text, subtype="plain", charset="utf-8", cte="quoted-printable")
+            mime.add_alternative(msg.html, subtype="html", charset="utf-8", cte="quoted-printable")
+            policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
+            return mime.as_bytes(policy=policy), recipient, utf8
+        except (ValueError, TypeError, UnicodeError) as e:
+            raise NotificationError(f"the message cannot be encoded ({type(e).__name__})") from e
+
+    # Sessions
+
+    async def _deliver(self, data: bytes, recipient: str, utf8: bool) -> None:
+        session = self._checkout()
+        if session is not None:
+            try:
+                await self._transaction(session, data, recipient, utf8)
+                return
+            except _BrokenSession:
+                log.info("Kept-alive SMTP session to %s was closed; retrying once", self._where)
+        session = await self._connect()
+        try:
+            await self._transaction(session, data, recipient, utf8)
+        except _BrokenSession as e:
+            raise self._error(e.__cause__ or e, recipient) from e.__cause__
+
+    def _checkout(self) -> _Session | None:
+        while self._idle:
+            session = self._idle.pop()
+            if session.expiry is not None:
+                session.expiry.cancel()
+                session.expiry = None
+            if session.smtp.is_connected:
+                return session
+            session.smtp.close()
+        return None
+
+    def _checkin(self, session: _Session) -> None:
+        if self._closed or session.mails >= _MAX_MAILS_PER_SESSION:
+            self._quit_later(session)
+            return
+        session.expiry = asyncio.get_running_loop().call_later(
+            self._max_idle, self._expire, session
+        )
+        self._idle.append(session)
+
+    def _expire(self, session: _Session) -> None:
+        if session in self._idle:
+            self._idle.remove(session)
+            session.expiry = None
+            self._quit_later(session)
+
+    def _quit_later(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(self._quit(session))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _quit(self, session: _Session) -> None:
+        try:
+            if session.smtp.is_connected:
+                await session.smtp.quit(timeout=min(self._config.timeout, 5.0))
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        finally:
+            session.smtp.close()
+
+    async def _connect(self) -> _Session:
+        if self._local_hostname is None:
+            # getfqdn may ask the resolver: not on the event loop.
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        config = self._config
+        smtp = aiosmtplib.SMTP(
+            hostname=config.host,
+            port=config.port,
+            username=config.username,
+            password=config.password,
+            local_hostname=self._local_hostname,
+            timeout=float(config.timeout),
+            use_tls=config.security == "tls",
+            start_tls=config.security == "starttls",
+            tls_context=self._tls_context,
+        )
+        try:
+            await smtp.connect()
+            if smtp.is_ehlo_or_helo_needed:
+                await smtp.ehlo()
+        except (aiosmtplib.SMTPException, OSError) as e:
+            smtp.close()
+            raise self._error(e, None) from e
+        except BaseException:
+            smtp.close()
+            raise
+        log.debug("Opened an SMTP session to %s", self._where)
+        return _Session(smtp)
+
+    async def _transaction(
+        self, session: _Session, data: bytes, recipient: str, utf8: bool
+    ) -> None:
+        """One mail on ``session``; checks the session back in unless it is spoilt.
+
+        Raises ``_BrokenSession`` when the session was found dead at ``MAIL`` (nothing of this
+        mail was delivered), ``NotificationError`` for any other failure.
+        """
+        smtp = session.smtp
+        encoding = "ascii"
+        options: list[str] = []
+        if utf8:
+            if not smtp.supports_extension("smtputf8"):
+                self._checkin(session)
+                raise NotificationError(
+                    "the SMTP server does not accept internationalised addresses (SMTPUTF8)"
+                )
+            encoding = "utf-8"
+            options.append("SMTPUTF8")
+        reusable = False
+        try:
+            try:
+                await smtp.mail(self._envelope_from, options=options, encoding=encoding)
+            except aiosmtplib.SMTPServerDisconnected as e:
+                raise _BrokenSession() from e
+            except aiosmtplib.SMTPResponseException as e:
+                if e.code == 421:
+                    raise _BrokenSession() from e
+                raise
+            await smtp.rcpt(recipient, encoding=encoding)
+            await smtp.data(data)
+            session.mails += 1
+            reusable = True
+        except aiosmtplib.SMTPResponseException as e:
+            # The server answered: the session is sound once the envelope is reset.
+            reusable = e.code != 421 and await self._reset(smtp)
+            raise self._error(e, recipient) from e
+        except (aiosmtplib.SMTPException, OSError) as e:
+            raise self._error(e, recipient) from e
+        finally:
+            if reusable and smtp.is_connected:
+                self._checkin(session)
+            else:
+                smtp.close()
+
+    async def _reset(self, smtp: aiosmtplib.SMTP) -> bool:
+        try:
+            await smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            return False
+        return smtp.is_connected
+
+    def _error(self, e: BaseException, recipient: str | None) -> NotificationError:
+        """A ``NotificationError`` for an SMTP failure, naming neither addresses nor secrets."""
+        if isinstance(e, aiosmtplib.SMTPResponseException):
+            reply = e.message
+            if recipient is not None:
+                reply = re.sub(re.escape(recipient), "<recipient>", reply, flags=re.IGNORECASE)
+            reply = " ".join(reply.split())[:200]
+            if isinstance(e, aiosmtplib.SMTPAuthenticationError):
+                what = "refused our credentials"
+            elif isinstance(e, aiosmtplib.SMTPRecipientRefused):
+                what = "refused the recipient"
+            elif isinstance(e, aiosmtplib.SMTPSenderRefused):
+                what = "refused the sender"
+            elif isinstance(e, aiosmtplib.SMTPDataError):
+                what = "refused the message"
+            else:
+                what = "refused"
+            return NotificationError(
+                f"the SMTP server {what} ({e.code} {reply})",
+                code=e.code,
+                transient=400 <= e.code < 500,
+            )
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLError):
+            reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+            return NotificationError(f"TLS with the SMTP server {self._where} failed: {reason}")
+        if isinstance(e, TimeoutError):
+            return NotificationError(f"the SMTP server {self._where} timed out", transient=True)
+        if isinstance(e, aiosmtplib.SMTPConnectError):
+            return NotificationError(
+                f"cannot connect to the SMTP server {self._where}", transient=True
+            )
+        if isinstance(e, ConnectionError):
+            return NotificationError(
+                f"the SMTP server {self._where} closed the connection", transient=True
+            )
+        if isinstance(e, OSError):
+            return NotificationError(
+                f"cannot reach the SMTP server {self._where} ({type(e).__name__})",
+                transient=True,
+            )
+        # aiosmtplib's own messages (e.g. STARTTLS not supported) carry no secrets.
+        return NotificationError(f"SMTP with {self._where} failed: {e}")

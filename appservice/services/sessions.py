@@ -1,0 +1,259 @@
+"""3PID validation sessions: send a token, check it, and say what was validated."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from appservice.clock import Clock
+from appservice.config import RateLimitsConfig, SessionConfig
+from appservice.db.sessions import SessionStore, ValidationSession
+from appservice.errors import MatrixError, forbidden, invalid_param
+from appservice.notifications.connectors import EmailConnector, SmsConnector
+from appservice.notifications.generator import MessageGenerator
+from appservice.notifications.message import NotificationError
+from appservice.services.ratelimits import RateLimiter
+from appservice.threepid import is_opaque_id, parse_email, parse_phone_number
+
+log = logging.getLogger(__name__)
+
+# Twilio error codes that mean "we cannot deliver to that destination".
+_DESTINATION_REJECTED_CODES = {21408, 21612, 21614}
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ValidatedThreepid:
+    """What a validated session proves."""
+
+    medium: str
+    address: str
+    validated_at: int
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """A successful validation and where the user may be sent next."""
+
+    next_link: str | None
+
+
+class SessionService:
+    """Creates sessions, delivers their tokens and validates them."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        generator: MessageGenerator,
+        email: EmailConnector,
+        sms: SmsConnector,
+        ratelimiter: RateLimiter,
+        config: SessionConfig,
+        limits: RateLimitsConfig,
+        clock: Clock,
+    ) -> None:
+        self._store = store
+        self._generator = generator
+        self._email = email
+        self._sms = sms
+        self._ratelimiter = ratelimiter
+        self._config = config
+        self._limits = limits
+        self._clock = clock
+
+    def _require_enabled(self) -> None:
+        if not self._config.policy.validation.enabled:
+            raise forbidden("3PID validation is disabled on this identity server")
+
+    @staticmethod
+    def _check_client_secret(client_secret: str) -> None:
+        if not is_opaque_id(client_secret):
+            raise invalid_param("client_secret must match [0-9a-zA-Z.=_-]{1,255}")
+
+    async def request_email_token(
+        self,
+        client_secret: str,
+        email: str,
+        send_attempt: int,
+        next_link: str | None,
+        requester_ip: str,
+    ) -> str:
+        """Start (or repeat) email validation; returns the session id."""
+        self._require_enabled()
+        self._check_client_secret(client_secret)
+        address = parse_email(email)
+        if address is None:
+            raise MatrixError(400, "M_INVALID_EMAIL", "Invalid email address")
+
+        async def send(session: ValidationSession, token: str) -> None:
+            message = self._generator.validation_email(
+                address,
+                token=token,
+                sid=session.sid,
+                client_secret=client_secret,
+                next_link_present=next_link is not None,
+            )
+            try:
+                await self._email.send_email(message)
+            except NotificationError as e:
+                raise MatrixError(
+                    400, "M_EMAIL_SEND_ERROR", f"Failed to send the email: {e}"
+                ) from e
+
+        return await self._request(
+            "email", address, client_secret, send_attempt, next_link, requester_ip,
+            token=secrets.token_urlsafe(32), send=send,
+        )  # fmt: skip
+
+    async def request_msisdn_token(
+        self,
+        client_secret: str,
+        country: str,
+        phone_number: str,
+        send_attempt: int,
+        next_link: str | None,
+        requester_ip: str,
+    ) -> str:
+        """Start (or repeat) phone number validation; returns the session id."""
+        self._require_enabled()
+        self._check_client_secret(client_secret)
+        msisdn = parse_phone_number(country, phone_number)
+        if msisdn is None:
+            raise MatrixError(400, "M_INVALID_ADDRESS", "Invalid phone number")
+
+        async def send(_session: ValidationSession, token: str) -> None:
+            try:
+                await self._sms.send_sms(self._generator.validation_sms(msisdn, token=token))
+            except NotificationError as e:
+                if getattr(e, "code", None) in _DESTINATION_REJECTED_CODES:
+                    raise MatrixError(
+                        400, "M_DESTINATION_REJECTED", "Cannot send SMS to this destination"
+                    ) from e
+                raise MatrixError(400, "M_SEND_ERROR", f"Failed to send the SMS: {e}") from e
+
+        return await self._request(
+            "msisdn", msisdn, client_secret, send_attempt, next_link, requester_ip,
+            token=f"{secrets.randbelow(10**6):06d}", send=send,
+        )  # fmt: skip
+
+    async def _request(
+        self,
+        medium: str,
+        address: str,
+        client_secret: str,
+        send_attempt: int,
+        next_link: str | None,
+        requester_ip: str,
+        *,
+        token: str,
+        send: Callable[[ValidationSession, str], Awaitable[None]],
+    ) -> str:
+        existing = await self._store.by_key(medium, address, client_secret)
+        if existing is not None and send_attempt <= existing.send_attempt:
+            return existing.sid  # a retry: same session, nothing sent
+        await self._ratelimiter.hit(
+            "request_token_ip", requester_ip, self._limits.request_token_per_ip
+        )
+        await self._ratelimiter.hit(
+            "request_token_address", f"{medium}:{address}", self._limits.request_token_per_address
+        )
+        now = self._clock.now_ms()
+        if existing is None:
+            session = await self._store.create(
+                ValidationSession(
+                    sid=secrets.token_urlsafe(16),
+                    medium=medium,
+                    address=address,
+                    client_secret=client_secret,
+                    token_hash=_token_hash(token),
+                    send_attempt=send_attempt,
+                    next_link=next_link,
+                    created_ts=now,
+                    modified_ts=now,
+                    validated_ts=None,
+                    failed_attempts=0,
+                )
+            )
+            if session.token_hash != _token_hash(token):
+                return session.sid  # created concurrently by an identical request
+            try:
+                await send(session, token)
+            except MatrixError:
+                await self._store.delete(session.sid)  # nothing half-written
+                raise
+            log.info("validation session %s created (%s)", session.sid, medium)
+            return session.sid
+        # A higher send_attempt: a new token replaces the old one and is sent.
+        new_hash = _token_hash(token)
+        if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
+            return existing.sid
+        try:
+            await send(existing, token)
+        except MatrixError:
+            await self._store.revert_resend(existing, new_hash)  # the old token stays valid
+            raise
+        log.info("validation session %s: token sent again (%s)", existing.sid, medium)
+        return existing.sid
+
+    async def _live_session(self, sid: str, client_secret: str) -> ValidationSession:
+        """The session for ``sid`` if ``client_secret`` matches and it has not expired."""
+        self._check_client_secret(client_secret)
+        session = await self._store.by_sid(sid) if is_opaque_id(sid) else None
+        if session is None or not hmac.compare_digest(
+            session.client_secret.encode(), client_secret.encode()
+        ):
+            raise MatrixError(404, "M_NO_VALID_SESSION", "No valid session was found")
+        if self._clock.now_ms() - session.modified_ts > self._config.lifetime * 1000:
+            raise MatrixError(
+                400, "M_SESSION_EXPIRED", "This validation session has expired: start a new one"
+            )
+        return session
+
+    async def submit_token(self, sid: str, client_secret: str, token: str) -> SubmitResult:
+        """Check a token; counts wrong ones and kills the session after too many."""
+        self._require_enabled()
+        session = await self._live_session(sid, client_secret)
+        if session.failed_attempts >= self._config.max_attempts:
+            raise MatrixError(
+                400,
+                "M_SESSION_EXPIRED",
+                "Too many incorrect tokens were submitted: start a new validation session",
+            )
+        if not hmac.compare_digest(session.token_hash, _token_hash(token.strip())):
+            failures = await self._store.count_failure(session.sid)
+            left = max(0, self._config.max_attempts - failures)
+            raise MatrixError(
+                400,
+                "M_TOKEN_INCORRECT",
+                f"The token is incorrect ({left} attempt{'s' if left != 1 else ''} left)",
+            )
+        await self._store.mark_validated(session.sid, self._clock.now_ms())
+        log.info("validation session %s validated (%s)", session.sid, session.medium)
+        return SubmitResult(next_link=session.next_link)
+
+    async def validated_threepid(self, sid: str, client_secret: str) -> ValidatedThreepid:
+        """What a validated session proves (400 M_SESSION_NOT_VALIDATED until then)."""
+        session = await self._live_session(sid, client_secret)
+        if session.validated_ts is None:
+            raise MatrixError(
+                400, "M_SESSION_NOT_VALIDATED", "This validation session has not been validated"
+            )
+        return ValidatedThreepid(session.medium, session.address, session.validated_ts)
+
+    async def purge_expired(self) -> int:
+        """Delete sessions that can no longer be used."""
+        cutoff = self._clock.now_ms() - int(self._config.lifetime * 1000)
+        return await self._store.purge_modified_before(cutoff)
+
+    def follows_next_link(self, next_link: str) -> bool:
+        """Whether GET submitToken may redirect to ``next_link`` (no open redirect)."""
+        if next_link.startswith("https://") and len(next_link) > len("https://"):
+            return True
+        return any(next_link.startswith(prefix) for prefix in self._config.next_link_allowlist)
