@@ -65,10 +65,6 @@ from appservice.notifications.message import EmailMessage, NotificationError, Sm
 
 BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
 
-EMAIL_TEMPLATES = ("validation_email", "unbind_email", "invite_email")
-SMS_TEMPLATES = ("validation",)
-PAGE_TEMPLATES = ("validation_success", "validation_failure")
-
 # Long room names and display names are cut so that subjects and headings stay readable.
 _LABEL_MAX = 80
 _SUBJECT_MAX = 200
@@ -114,6 +110,7 @@ class MessageGenerator:
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            keep_trailing_newline=True,
             # Templates are read once; an edit takes effect at the next start.
             auto_reload=False,
         )

@@ -201,3 +201,32 @@ def test_builtin_templates_are_all_documented() -> None:
     doc = generator.__doc__ or ""
     for path in BUILTIN_TEMPLATES_DIR.iterdir():
         assert f"``{path.name}``" in doc, path.name
+
+
+def test_rendered_messages_are_saved_for_review(artifacts_dir: Path) -> None:
+    generator = make_generator()
+    out = artifacts_dir / "notifications"
+    out.mkdir(exist_ok=True)
+    emails = {
+        "validation_email": generator.validation_email(
+            "alice@example.com", "Yx3kQ9", "sid", "secret", next_link_present=False
+        ),
+        "unbind_email": generator.unbind_email("alice@example.com", "@alice:example.org"),
+        "invite_email": invite(
+            generator,
+            sender="@bob:example.org",
+            sender_display_name="Bob",
+            room_name="Project Falcon",
+            room_alias="#falcon:example.org",
+            join_url="https://app.example.org/#/room/#falcon:example.org",
+        ),
+        "invite_email_empty": invite(generator),
+    }
+    for name, msg in emails.items():
+        (out / f"{name}.html").write_text(msg.html)
+        (out / f"{name}.txt").write_text(f"Subject: {msg.subject}\n\n{msg.text}")
+    (out / "validation_success.html").write_text(generator.page("validation_success"))
+    (out / "validation_failure.html").write_text(
+        generator.page("validation_failure", reason="This link has expired.")
+    )
+    assert len(list(out.iterdir())) >= 10

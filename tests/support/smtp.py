@@ -58,7 +58,7 @@ class _Handler:
         sink = self._sink
         if sink.mail_replies:
             reply = sink.mail_replies.pop(0)
-            if reply == SmtpSink.DROP and server.transport is not None:
+            if reply == SmtpSink.DROP and isinstance(server.transport, asyncio.Transport):
                 # Vanish without a word, as a server that timed the session out.
                 server.transport.abort()
             return reply

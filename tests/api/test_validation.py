@@ -1,0 +1,422 @@
+"""Email and phone validation sessions: requestToken, submitToken (JSON and link), getValidated3pid."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from appservice.clock import FakeClock
+from tests.api.conftest import Api
+
+V2 = "/_matrix/identity/v2"
+EMAIL_REQUEST = f"{V2}/validate/email/requestToken"
+EMAIL_SUBMIT = f"{V2}/validate/email/submitToken"
+MSISDN_REQUEST = f"{V2}/validate/msisdn/requestToken"
+MSISDN_SUBMIT = f"{V2}/validate/msisdn/submitToken"
+GET_VALIDATED = f"{V2}/3pid/getValidated3pid"
+
+
+def link_from_mail(api: Api, index: int = -1) -> dict[str, str]:
+    """sid, client_secret and token from the link in a received validation email."""
+    message = api.smtp.mails[index].message
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    match = re.search(r"https://id\.test/_matrix/identity/v2/validate/email/submitToken\?\S+", text)
+    assert match, text
+    query = parse_qs(urlsplit(match.group(0)).query)
+    return {key: values[0] for key, values in query.items()}
+
+
+async def request_email(
+    api: Api, token: str, email: str = "alice@example.com", secret: str = "s3cret", attempt: int = 1
+) -> tuple[int, dict[str, str]]:
+    return await api.request(
+        "POST",
+        EMAIL_REQUEST,
+        token=token,
+        json={"client_secret": secret, "email": email, "send_attempt": attempt},
+    )
+
+
+async def test_email_validation_round_trip(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await request_email(api, token, email="Alice@Example.com")
+    assert status == 200
+    sid = body["sid"]
+    mails = await api.smtp.wait_for(1)
+    assert mails[0].rcpt_tos == ("alice@example.com",)
+    link = link_from_mail(api)
+    assert link["sid"] == sid and link["client_secret"] == "s3cret"
+    assert len(link["token"]) >= 22  # at least 128 bits, URL-safe
+
+    status, body = await api.request(
+        "GET", f"{GET_VALIDATED}?sid={sid}&client_secret=s3cret", token=token
+    )
+    assert (status, body["errcode"]) == (400, "M_SESSION_NOT_VALIDATED")
+
+    assert await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": sid, "client_secret": "s3cret", "token": link["token"]},
+    ) == (200, {"success": True})
+    status, body = await api.request(
+        "GET", f"{GET_VALIDATED}?sid={sid}&client_secret=s3cret", token=token
+    )
+    assert status == 200
+    assert body["medium"] == "email"
+    assert body["address"] == "alice@example.com"
+    assert body["validated_at"] == api.server.clock.now_ms()
+
+
+async def test_repeated_send_attempt_returns_same_sid_and_sends_nothing(api: Api) -> None:
+    _, token = await api.register()
+    _, first = await request_email(api, token, attempt=1)
+    _, again = await request_email(api, token, attempt=1)
+    _, lower = await request_email(api, token, attempt=0)
+    assert first["sid"] == again["sid"] == lower["sid"]
+    await api.smtp.wait_for(1)
+    assert len(api.smtp.mails) == 1
+
+    _, higher = await request_email(api, token, attempt=2)
+    assert higher["sid"] == first["sid"]
+    await api.smtp.wait_for(2)
+    # The newest mail's token is the one that validates.
+    newest = link_from_mail(api, -1)
+    oldest = link_from_mail(api, 0)
+    assert newest["token"] != oldest["token"]
+    status, body = await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": first["sid"], "client_secret": "s3cret", "token": newest["token"]},
+    )
+    assert status == 200
+
+
+async def test_different_client_secret_is_a_different_session(api: Api) -> None:
+    _, token = await api.register()
+    _, a = await request_email(api, token, secret="one")
+    _, b = await request_email(api, token, secret="two")
+    assert a["sid"] != b["sid"]
+
+
+@pytest.mark.parametrize(
+    "email", ["not-an-email", "a@b@c", "Alice <alice@example.com>", "mailto:a@b.c", "a b@c.d", ""]
+)
+async def test_invalid_email_is_400_invalid_email(api: Api, email: str) -> None:
+    _, token = await api.register()
+    status, body = await request_email(api, token, email=email)
+    assert (status, body["errcode"]) == (400, "M_INVALID_EMAIL")
+    assert api.smtp.mails == []
+
+
+@pytest.mark.parametrize("secret", ["has space", "", "x" * 256, "ünïcode", "a/b"])
+async def test_bad_client_secret_is_400_invalid_param(api: Api, secret: str) -> None:
+    _, token = await api.register()
+    status, body = await request_email(api, token, secret=secret)
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+async def test_request_token_checks_fields(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request("POST", EMAIL_REQUEST, token=token, json={"email": "a@b.c"})
+    assert (status, body["errcode"]) == (400, "M_MISSING_PARAMS")
+    status, body = await api.request(
+        "POST",
+        EMAIL_REQUEST,
+        token=token,
+        json={"email": "a@b.c", "client_secret": "x", "send_attempt": "1"},
+    )
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+
+
+async def test_request_token_needs_auth(api: Api) -> None:
+    status, body = await api.request(
+        "POST", EMAIL_REQUEST, json={"client_secret": "x", "email": "a@b.c", "send_attempt": 1}
+    )
+    assert (status, body["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+async def test_wrong_token_counts_attempts_until_session_dies(api: Api) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token)
+    sid = body["sid"]
+    await api.smtp.wait_for(1)
+    good = link_from_mail(api)["token"]
+    for left in (4, 3, 2, 1, 0):
+        status, body = await api.request(
+            "POST",
+            EMAIL_SUBMIT,
+            token=token,
+            json={"sid": sid, "client_secret": "s3cret", "token": "wrong"},
+        )
+        assert (status, body["errcode"]) == (400, "M_TOKEN_INCORRECT")
+        assert f"({left} attempt" in body["error"]
+    status, body = await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": sid, "client_secret": "s3cret", "token": good},
+    )
+    assert (status, body["errcode"]) == (400, "M_SESSION_EXPIRED")
+
+
+async def test_unknown_session_or_wrong_secret_is_404_no_valid_session(api: Api) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token)
+    for sid, secret in [("nope", "s3cret"), (body["sid"], "other")]:
+        status, err = await api.request(
+            "POST",
+            EMAIL_SUBMIT,
+            token=token,
+            json={"sid": sid, "client_secret": secret, "token": "t"},
+        )
+        assert (status, err["errcode"]) == (404, "M_NO_VALID_SESSION")
+        status, err = await api.request(
+            "GET", f"{GET_VALIDATED}?sid={sid}&client_secret={secret}", token=token
+        )
+        assert (status, err["errcode"]) == (404, "M_NO_VALID_SESSION")
+
+
+async def test_session_expires_after_its_lifetime(api: Api, clock: FakeClock) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token)
+    await api.smtp.wait_for(1)
+    clock.advance(24 * 3600 + 1)
+    status, err = await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": body["sid"], "client_secret": "s3cret", "token": link_from_mail(api)["token"]},
+    )
+    assert (status, err["errcode"]) == (400, "M_SESSION_EXPIRED")
+
+
+async def test_validation_extends_the_session_and_expired_ones_are_purged(
+    api: Api, clock: FakeClock
+) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token)
+    await api.smtp.wait_for(1)
+    clock.advance(23 * 3600)
+    await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": body["sid"], "client_secret": "s3cret", "token": link_from_mail(api)["token"]},
+    )
+    clock.advance(23 * 3600)  # 46 h after creation, 23 h after validation: still usable
+    status, _ = await api.request(
+        "GET", f"{GET_VALIDATED}?sid={body['sid']}&client_secret=s3cret", token=token
+    )
+    assert status == 200
+    await api.server.purge_job.run_once()
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 1
+    clock.advance(2 * 3600)
+    await api.server.purge_job.run_once()
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+    status, err = await api.request(
+        "GET", f"{GET_VALIDATED}?sid={body['sid']}&client_secret=s3cret", token=token
+    )
+    assert (status, err["errcode"]) == (404, "M_NO_VALID_SESSION")
+
+
+async def test_link_in_email_shows_success_page_without_auth(api: Api) -> None:
+    _, token = await api.register()
+    await request_email(api, token)
+    await api.smtp.wait_for(1)
+    link = link_from_mail(api)
+    async with api.client.get(EMAIL_SUBMIT, params=link, allow_redirects=False) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/html"
+        page = await resp.text()
+    assert "<html" in page and "verified" in page.lower()
+
+
+async def test_bad_link_shows_failure_page(api: Api) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token)
+    params = {"sid": body["sid"], "client_secret": "s3cret", "token": "wrong"}
+    async with api.client.get(EMAIL_SUBMIT, params=params, allow_redirects=False) as resp:
+        assert resp.status == 400
+        assert resp.content_type == "text/html"
+        assert "incorrect" in (await resp.text()).lower()
+    async with api.client.get(EMAIL_SUBMIT, params={"sid": "x"}, allow_redirects=False) as resp:
+        assert resp.status == 400
+        assert resp.content_type == "text/html"
+
+
+@pytest.mark.parametrize(
+    ("next_link", "followed"),
+    [
+        ("https://app.example/welcome", True),
+        ("http://localhost:3000/done", True),  # in the allow-list below
+        ("http://evil.example/phish", False),
+        ("javascript:alert(1)", False),
+        ("//evil.example", False),
+    ],
+)
+async def test_next_link_redirect_only_when_safe(api: Api, next_link: str, followed: bool) -> None:
+    _, token = await api.register()
+    await api.request(
+        "POST",
+        EMAIL_REQUEST,
+        token=token,
+        json={
+            "client_secret": "s3cret",
+            "email": "a@example.com",
+            "send_attempt": 1,
+            "next_link": next_link,
+        },
+    )
+    await api.smtp.wait_for(1)
+    link = link_from_mail(api)
+    async with api.client.get(EMAIL_SUBMIT, params=link, allow_redirects=False) as resp:
+        if followed:
+            assert resp.status == 302
+            assert resp.headers["Location"] == next_link
+        else:
+            assert resp.status == 200
+            assert next_link not in await resp.text()
+
+
+@pytest.fixture
+def config_yaml() -> str:
+    return "session: {next_link_allowlist: ['http://localhost:3000/']}"
+
+
+async def test_phone_validation_round_trip_through_twilio(api: Api) -> None:
+    _, token = await api.register()
+    status, body = await api.request(
+        "POST",
+        MSISDN_REQUEST,
+        token=token,
+        json={
+            "client_secret": "s3cret",
+            "country": "GB",
+            "phone_number": "020 7946 0018",
+            "send_attempt": 1,
+        },
+    )
+    assert status == 200, body
+    assert len(api.twilio.messages) == 1
+    sms = api.twilio.messages[0]
+    assert sms.to == "+442079460018"
+    code = re.search(r"\b(\d{6})\b", sms.body)
+    assert code, sms.body
+    assert await api.request(
+        "POST",
+        MSISDN_SUBMIT,
+        token=token,
+        json={"sid": body["sid"], "client_secret": "s3cret", "token": code.group(1)},
+    ) == (200, {"success": True})
+    status, validated = await api.request(
+        "GET", f"{GET_VALIDATED}?sid={body['sid']}&client_secret=s3cret", token=token
+    )
+    assert (validated["medium"], validated["address"]) == ("msisdn", "442079460018")
+
+
+@pytest.mark.parametrize(("country", "number"), [("GB", "12"), ("XX", "02079460018"), ("gb", "x")])
+async def test_invalid_phone_number_is_400_invalid_address(
+    api: Api, country: str, number: str
+) -> None:
+    _, token = await api.register()
+    status, body = await api.request(
+        "POST",
+        MSISDN_REQUEST,
+        token=token,
+        json={"client_secret": "s", "country": country, "phone_number": number, "send_attempt": 1},
+    )
+    assert (status, body["errcode"]) == (400, "M_INVALID_ADDRESS")
+
+
+async def test_sms_to_blocked_region_is_destination_rejected(api: Api) -> None:
+    _, token = await api.register()
+    api.twilio.blocked_prefixes.add("+44")
+    status, body = await api.request(
+        "POST",
+        MSISDN_REQUEST,
+        token=token,
+        json={
+            "client_secret": "s",
+            "country": "GB",
+            "phone_number": "020 7946 0018",
+            "send_attempt": 1,
+        },
+    )
+    assert (status, body["errcode"]) == (400, "M_DESTINATION_REJECTED")
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+
+
+async def test_email_send_failure_is_reported_and_stores_nothing(api: Api) -> None:
+    _, token = await api.register()
+    api.smtp.rcpt_reply = "550 5.1.1 mailbox unavailable"
+    status, body = await request_email(api, token)
+    assert (status, body["errcode"]) == (400, "M_EMAIL_SEND_ERROR")
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+
+
+async def test_failed_resend_keeps_the_old_token_valid(api: Api) -> None:
+    _, token = await api.register()
+    _, body = await request_email(api, token, attempt=1)
+    await api.smtp.wait_for(1)
+    first = link_from_mail(api)
+    api.smtp.rcpt_reply = "451 4.3.0 try later"
+    status, err = await request_email(api, token, attempt=2)
+    assert (status, err["errcode"]) == (400, "M_EMAIL_SEND_ERROR")
+    assert await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": body["sid"], "client_secret": "s3cret", "token": first["token"]},
+    ) == (200, {"success": True})
+
+
+class TestRateLimits:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return (
+            "ratelimits: {request_token_per_address: {limit: 2, period: 1h},"
+            " request_token_per_ip: {limit: 3, period: 1h}}"
+        )
+
+    async def test_per_address_limit(self, api: Api, clock: FakeClock) -> None:
+        _, token = await api.register()
+        for secret in ("a", "b"):
+            assert (await request_email(api, token, secret=secret))[0] == 200
+        status, body = await request_email(api, token, secret="c")
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        assert 0 < int(body["retry_after_ms"]) <= 3_600_000
+        clock.advance(3600)
+        assert (await request_email(api, token, secret="d"))[0] == 200
+
+    async def test_per_ip_limit(self, api: Api) -> None:
+        _, token = await api.register()
+        for i in range(3):
+            assert (await request_email(api, token, email=f"u{i}@example.com"))[0] == 200
+        async with api.client.post(
+            EMAIL_REQUEST,
+            headers={"Authorization": f"Bearer {token}"},
+            json={"client_secret": "s", "email": "u9@example.com", "send_attempt": 1},
+        ) as resp:
+            assert resp.status == 429
+            assert int(resp.headers["Retry-After"]) > 0
+
+    async def test_retries_of_the_same_attempt_are_not_counted(self, api: Api) -> None:
+        _, token = await api.register()
+        for _ in range(5):
+            assert (await request_email(api, token, secret="same"))[0] == 200
+
+
+class TestValidationDisabled:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "session: {policy: {validation: {enabled: false}}}"
+
+    async def test_request_token_is_403_forbidden(self, api: Api) -> None:
+        _, token = await api.register()
+        status, body = await request_email(api, token)
+        assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+        assert "disabled" in body["error"]
