@@ -21,9 +21,6 @@ from appservice.threepid import is_opaque_id, parse_email, parse_phone_number
 
 log = logging.getLogger(__name__)
 
-# Twilio error codes that mean "we cannot deliver to that destination".
-_DESTINATION_REJECTED_CODES = {21408, 21612, 21614}
-
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -132,7 +129,7 @@ class SessionService:
             try:
                 await self._sms.send_sms(self._generator.validation_sms(msisdn, token=token))
             except NotificationError as e:
-                if getattr(e, "code", None) in _DESTINATION_REJECTED_CODES:
+                if e.destination_rejected:
                     raise MatrixError(
                         400, "M_DESTINATION_REJECTED", "Cannot send SMS to this destination"
                     ) from e
