@@ -132,7 +132,7 @@ async def test_unbind_with_validated_session(api: Api) -> None:
 
 
 async def test_unbind_with_session_of_another_address_is_403(api: Api) -> None:
-    user_id, token = await api.register("alice")
+    _user_id, token = await api.register("alice")
     await api.add_binding("email", "victim@example.com", "@victim:hs.test")
     sid = await validated_session(api, token, "alice@example.com")
     status, body = await api.request(

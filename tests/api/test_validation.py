@@ -1,4 +1,4 @@
-"""Email and phone validation sessions: requestToken, submitToken (JSON and link), getValidated3pid."""
+"""Email and phone validation: requestToken, submitToken (JSON and link), getValidated3pid."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ async def test_repeated_send_attempt_returns_same_sid_and_sends_nothing(api: Api
     newest = link_from_mail(api, -1)
     oldest = link_from_mail(api, 0)
     assert newest["token"] != oldest["token"]
-    status, body = await api.request(
+    status, _body = await api.request(
         "POST",
         EMAIL_SUBMIT,
         token=token,
