@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import yaml
 
-from tests.support.synapse import SynapseServer, ensure_synapse_venv
+from appservice.app import IdentityServer
+from appservice.config import load_config_text
+from tests.support.smtp import SmtpSink
+from tests.support.synapse import SynapseServer, ensure_synapse_venv, free_port
 from tests.support.tls import TestCertificates, make_test_certificates
 
 
@@ -28,3 +36,61 @@ def synapse(
         yield server
     finally:
         server.stop()
+
+
+class RunningIdentityServer:
+    """Our identity server listening with TLS on loopback, as Synapse needs it (https only)."""
+
+    def __init__(self, server: IdentityServer, port: int, smtp: SmtpSink, ca_file: Path) -> None:
+        self.server = server
+        self.port = port
+        self.smtp = smtp
+        self.name = f"localhost:{port}"
+        self.base_url = f"https://localhost:{port}"
+        self._ssl = ssl.create_default_context(cafile=str(ca_file))
+
+    async def request(
+        self, method: str, path: str, *, token: str | None = None, json: Any = None
+    ) -> tuple[int, Any]:
+        """A request over verified TLS; returns (status, JSON body)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        connector = aiohttp.TCPConnector(ssl=self._ssl)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.request(method, self.base_url + path, json=json, headers=headers) as resp,
+        ):
+            return resp.status, await resp.json(content_type=None)
+
+
+@pytest.fixture
+async def identity_server(
+    tmp_path: Path, synapse: SynapseServer, test_certificates: TestCertificates
+) -> AsyncIterator[RunningIdentityServer]:
+    """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
+    port = free_port()
+    async with SmtpSink() as smtp:
+        settings = {
+            "server": {"name": f"localhost:{port}", "public_base_url": f"https://localhost:{port}"},
+            "listen": {
+                "host": "127.0.0.1",
+                "port": port,
+                "tls_cert": str(test_certificates.cert),
+                "tls_key": str(test_certificates.key),
+            },
+            "database": {"url": f"sqlite:{tmp_path / 'is.db'}"},
+            "federation": {
+                "allowed_networks": ["127.0.0.0/8", "::1/128"],
+                "ca_file": str(synapse.ca_file),
+            },
+            "notifications": {
+                "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
+            },
+        }
+        config = load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
+        server = IdentityServer(config)
+        await server.start()
+        await server.serve()
+        try:
+            yield RunningIdentityServer(server, port, smtp, test_certificates.ca_cert)
+        finally:
+            await server.stop()
