@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appservice.api import account, bind, keys, lookup, status, terms, v1, validation
+from appservice.api import account, bind, invites, keys, lookup, status, terms, v1, validation
 from appservice.api.context import ApiContext
 from appservice.api.http import RedactingAccessLogger, matrix_middleware
 from appservice.clock import Clock
@@ -21,6 +21,8 @@ from appservice.crypto.signing import KeyRing
 from appservice.db.accounts import AccountStore
 from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
+from appservice.db.invites import InviteStore
+from appservice.db.outbox import OutboxStore
 from appservice.db.ratelimits import RateLimitStore
 from appservice.db.server_state import ServerStateStore
 from appservice.db.sessions import SessionStore
@@ -36,6 +38,8 @@ from appservice.notifications.connectors import build_email_connector, build_sms
 from appservice.notifications.generator import MessageGenerator
 from appservice.services.accounts import AccountService, OpenIdVerifier
 from appservice.services.bindings import BindingService
+from appservice.services.delivery import OnbindDelivery
+from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
 from appservice.services.ratelimits import RateLimiter
@@ -108,9 +112,43 @@ class IdentityServer:
             config.ratelimits,
             self.clock,
         )
+        self.invites = InviteService(
+            self.db,
+            InviteStore(self.db),
+            OutboxStore(self.db),
+            self.bindings,
+            self.keyring,
+            self.generator,
+            self.email,
+            self.ratelimiter,
+            config.invites,
+            config.ratelimits.store_invite_per_sender,
+            server_name=config.server.name,
+            public_base_url=config.server.public_base_url,
+            expired_user_id=config.appservice.expired_user_id,
+            clock=self.clock,
+        )
+        delivery = config.invites.delivery
+        self.delivery = OnbindDelivery(OutboxStore(self.db), self.federation, delivery, self.clock)
+        self.delivery_job = PeriodicJob(
+            "onbind-delivery", float(delivery.poll_interval), self.delivery.deliver_due
+        )
+        self.invites.on_queued = self.delivery_job.wake
+        self.expiry_job = PeriodicJob(
+            "invite-expiry",
+            float(config.invites.expiration.check_interval),
+            self.invites.expire_due,
+        )
+        self.resolution_job = PeriodicJob(
+            "invite-resolution",
+            float(config.invites.resolution_interval),
+            self.invites.resolve_bound,
+        )
+        self.keys.set_ephemeral_check(self.invites.ephemeral_key_valid)
         self.key_fetcher = ServerKeyFetcher(self.federation, self.clock.time)
         own_names = (config.server.name, *config.server.alternative_names)
         self.binding_service = BindingService(
+            self.db,
             self.bindings,
             self.sessions,
             self.lookup,
@@ -119,12 +157,20 @@ class IdentityServer:
             self.email,
             self.clock,
             notify_unbind=config.session.policy.unbind.notify,
+            on_bound=[self.invites.on_bound],
+            after_bound=[self.invites.notify_queued],
         )
         self.purge_job = PeriodicJob(
             "purge",
             PURGE_INTERVAL_S,
             functools.partial(purge_expired, self.sessions, self.ratelimiter),
         )
+        self.jobs = [
+            self.purge_job,
+            self.delivery_job,
+            self.expiry_job,
+            self.resolution_job,
+        ]
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -135,14 +181,16 @@ class IdentityServer:
             log.info("database migrated to version %d", applied[-1])
         await self.keys.start()
         await self.lookup.start()
-        self.purge_job.start()
+        for job in self.jobs:
+            job.start()
 
     async def stop(self) -> None:
         """Stop serving and close every connection."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.purge_job.stop()
+        for job in self.jobs:
+            await job.stop()
         await self.email.close()
         await self.sms.close()
         await self.federation.close()
@@ -169,6 +217,7 @@ class IdentityServer:
             keys=self.keys,
             sessions=self.sessions,
             bindings=self.binding_service,
+            invites=self.invites,
             health=self.health,
             render_page=self.generator.page,
             trusted_proxies=[
@@ -183,6 +232,7 @@ class IdentityServer:
         keys.add_routes(app.router, ctx, "/_matrix/identity/v2")
         validation.add_routes(app.router, ctx)
         bind.add_routes(app.router, ctx)
+        invites.add_routes(app.router, ctx)
         if ctx.v1_enabled:
             v1.add_routes(app.router, ctx)
         return app

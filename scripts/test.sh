@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run the whole test suite: venv with test extras, PostgreSQL on 127.0.0.1:5432 (started or
-# installed if needed), lint, type check, then pytest on SQLite and PostgreSQL, plus the
+# installed if needed), Chromium for the page tests (Debian package), lint, type check, then pytest on SQLite and PostgreSQL, plus the
 # end-to-end tests against a real Synapse (installed once into .cache/synapse-venv).
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/api -k lookup
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 scripts/ensure-postgres.sh
+scripts/ensure-chromium.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -11,6 +11,7 @@ from aiohttp import web
 from appservice.api.http import IPNetwork, access_token
 from appservice.services.accounts import AccountService
 from appservice.services.bindings import BindingService
+from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
 from appservice.services.sessions import SessionService
@@ -27,6 +28,7 @@ class ApiContext:
     keys: KeyService
     sessions: SessionService
     bindings: BindingService
+    invites: InviteService
     health: Callable[[], Awaitable[dict[str, Any]]]
     # Renders a web page template (validation result pages).
     render_page: Callable[..., str]

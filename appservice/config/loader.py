@@ -246,10 +246,15 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f'server.public_base_url: "{config.server.public_base_url}" is not an http(s) URL'
         )
-    for name in ("request_token_per_address", "request_token_per_ip"):
+    for name in ("request_token_per_address", "request_token_per_ip", "store_invite_per_sender"):
         limit: RateLimit = getattr(config.ratelimits, name)
         if limit.limit < 1 or limit.period <= 0:
             raise ConfigError(f"ratelimits.{name}: limit and period must be positive")
+    resolve_to = config.invites.expiration.resolve_to
+    if resolve_to and not (resolve_to.startswith("@") and ":" in resolve_to):
+        raise ConfigError(f'invites.expiration.resolve_to: "{resolve_to}" is not a Matrix user ID')
+    if config.invites.delivery.concurrency < 1:
+        raise ConfigError("invites.delivery.concurrency: must be at least 1")
     if config.session.max_attempts < 1:
         raise ConfigError("session.max_attempts: must be at least 1")
     for i, network in enumerate(config.listen.trusted_proxies):

@@ -166,6 +166,77 @@ class RateLimitsConfig:
         default_factory=lambda: RateLimit(5, Duration(3600))
     )
     request_token_per_ip: RateLimit = field(default_factory=lambda: RateLimit(30, Duration(3600)))
+    store_invite_per_sender: RateLimit = field(
+        default_factory=lambda: RateLimit(100, Duration(3600))
+    )
+
+
+@dataclass(frozen=True)
+class ExpirationConfig:
+    """Withdrawing 3PID invites nobody accepted."""
+
+    enabled: bool = True
+    # Pending invites older than this are resolved to resolve_to.
+    after: Duration = Duration(7 * 86400)  # noqa: RUF009 (an immutable float)
+    # The Matrix user expired invites are resolved to; empty: the appservice's inviteExpired user
+    # (@<appservice.expired_user_localpart>:<appservice.homeserver_domain>).
+    resolve_to: str = ""
+    # How often to look for expired invites.
+    check_interval: Duration = Duration(60)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Durable delivery of onbind notifications to homeservers."""
+
+    # First retry delay; it doubles after each failure up to retry_max.
+    retry_initial: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+    retry_max: Duration = Duration(3600)  # noqa: RUF009 (an immutable float)
+    # A notification not delivered this long after it was queued is marked failed.
+    give_up_after: Duration = Duration(3 * 86400)  # noqa: RUF009 (an immutable float)
+    # How often the outbox is polled (a bind on this instance wakes it at once).
+    poll_interval: Duration = Duration(5)  # noqa: RUF009 (an immutable float)
+    # Deliveries in flight at once per instance.
+    concurrency: int = 8
+
+
+@dataclass(frozen=True)
+class RedactionConfig:
+    """How an invited address is shown in the room (display_name): never the whole address."""
+
+    # Characters kept from the start of the local part and of the domain (``a…@e…``).
+    local_chars: int = 1
+    domain_chars: int = 1
+
+
+@dataclass(frozen=True)
+class InvitesConfig:
+    """3PID invites: store-invite, delivery on bind, expiry."""
+
+    # Link in invite emails (template variable join_url); {room_id} and {room_alias} are
+    # replaced, e.g. "https://app.element.io/#/room/{room_id}". Empty: no link.
+    join_url: str = ""
+    redaction: RedactionConfig = field(default_factory=RedactionConfig)
+    expiration: ExpirationConfig = field(default_factory=ExpirationConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    # How often pending invites are checked against the bindings (and identity stores), so a
+    # binding that arrived another way still resolves them.
+    resolution_interval: Duration = Duration(300)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class AppserviceConfig:
+    """The application service side: the users it controls on the homeserver."""
+
+    # The homeserver's server name (the domain part of its user IDs).
+    homeserver_domain: str = "localhost"
+    # Localpart of the user that expired invites are resolved to; the appservice rejects them.
+    expired_user_localpart: str = "_identity_invite_expired"
+
+    @property
+    def expired_user_id(self) -> str:
+        """The inviteExpired user's Matrix ID."""
+        return f"@{self.expired_user_localpart}:{self.homeserver_domain}"
 
 
 @dataclass(frozen=True)
@@ -256,5 +327,7 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    invites: InvitesConfig = field(default_factory=InvitesConfig)
+    appservice: AppserviceConfig = field(default_factory=AppserviceConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

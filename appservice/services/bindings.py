@@ -8,6 +8,7 @@ from typing import Any
 
 from appservice.clock import Clock
 from appservice.db.bindings import Binding, BindingStore
+from appservice.db.database import AppDatabase
 from appservice.errors import MatrixError, forbidden
 from appservice.federation.xmatrix import XMatrixError
 from appservice.notifications.connectors import EmailConnector
@@ -25,7 +26,8 @@ ASSOCIATION_LIFETIME_MS = 100 * 365 * 86_400_000
 # (authorization header, method, uri, parsed body) -> the verified origin server; raises
 # XMatrixError.
 RequestVerifier = Callable[[str, str, str, Any], Awaitable[str]]
-BindHook = Callable[[Binding], Awaitable[None]]
+# Runs inside the bind transaction.
+BindHook = Callable[[Binding], Awaitable[object]]
 
 
 class BindingService:
@@ -33,6 +35,7 @@ class BindingService:
 
     def __init__(
         self,
+        db: AppDatabase,
         bindings: BindingStore,
         sessions: SessionService,
         lookup: LookupService,
@@ -43,7 +46,9 @@ class BindingService:
         *,
         notify_unbind: bool = False,
         on_bound: Sequence[BindHook] = (),
+        after_bound: Sequence[Callable[[], None]] = (),
     ) -> None:
+        self._db = db
         self._bindings = bindings
         self._sessions = sessions
         self._lookup = lookup
@@ -53,6 +58,7 @@ class BindingService:
         self._clock = clock
         self._notify_unbind = notify_unbind
         self._on_bound = list(on_bound)
+        self._after_bound = list(after_bound)
 
     async def bind(self, sid: str, client_secret: str, mxid: str, caller: str) -> dict[str, Any]:
         """Bind the session's 3PID to ``mxid`` (the caller's own ID); the signed association."""
@@ -68,10 +74,16 @@ class BindingService:
             not_before=now,
             not_after=now + ASSOCIATION_LIFETIME_MS,
         )
-        await self._bindings.upsert(binding, self._lookup.hash_of(binding.medium, binding.address))
+        # The binding and what hooks queue for it (onbind notifications) commit together.
+        async with self._db.transaction():
+            await self._bindings.upsert(
+                binding, self._lookup.hash_of(binding.medium, binding.address)
+            )
+            for hook in self._on_bound:
+                await hook(binding)
         log.info("bound a %s 3PID to %s", binding.medium, mxid)
-        for hook in self._on_bound:
-            await hook(binding)
+        for after in self._after_bound:
+            after()
         return self._lookup.signed_association(binding)
 
     async def unbind(

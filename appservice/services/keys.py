@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+from collections.abc import Awaitable, Callable
 
 from unpaddedbase64 import decode_base64, encode_base64
 
@@ -21,6 +22,10 @@ def normalise_public_key(public_key: str) -> str | None:
     return encode_base64(raw) if len(raw) == 32 else None
 
 
+async def _no_ephemeral_keys(_public_key: str) -> bool:
+    return False
+
+
 class KeyService:
     """Long-term keys of all instances, known through the database."""
 
@@ -28,6 +33,7 @@ class KeyService:
         self._keyring = keyring
         self._store = store
         self._clock = clock
+        self._ephemeral_check: Callable[[str], Awaitable[bool]] = _no_ephemeral_keys
 
     async def start(self) -> None:
         """Make this instance's current key known to every instance."""
@@ -49,9 +55,10 @@ class KeyService:
         stored = await self._store.by_public_key(normalised)
         return stored is not None and stored.revoked_ts is None
 
-    async def ephemeral_is_valid(self, public_key: str) -> bool:
-        """Whether ``public_key`` is the ephemeral key of a pending invite.
+    def set_ephemeral_check(self, check: Callable[[str], Awaitable[bool]]) -> None:
+        """Where ephemeral keys are checked (the invites, which own them)."""
+        self._ephemeral_check = check
 
-        Invites (and with them ephemeral keys) do not exist yet in this release, so no key is.
-        """
-        return False
+    async def ephemeral_is_valid(self, public_key: str) -> bool:
+        """Whether ``public_key`` is the ephemeral key of a pending invite."""
+        return await self._ephemeral_check(public_key)

@@ -229,7 +229,7 @@ class SessionService:
             raise MatrixError(
                 400,
                 "M_TOKEN_INCORRECT",
-                f"The token is incorrect ({left} attempt{'s' if left != 1 else ''} left)",
+                f"The token is incorrect ({left} attempt{'s' if left != 1 else ''} left).",
             )
         await self._store.mark_validated(session.sid, self._clock.now_ms())
         log.info("validation session %s validated (%s)", session.sid, session.medium)

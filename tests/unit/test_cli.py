@@ -120,7 +120,10 @@ def test_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
     path.write_text("invites:\n  expiration: {after: 7 dayz}\n")
     result = _cli("migrate", "-c", str(path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["config error: invites: unknown option"]
+    assert result.stderr.strip().splitlines() == [
+        'config error: invites.expiration.after: "7 dayz" is not a duration'
+        " (use e.g. 30s, 10m, 12h, 7d)"
+    ]
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,168 @@
+"""3PID invites stored by store-invite, and their resolution."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from appservice.db.database import AppDatabase
+
+PENDING = "pending"
+BOUND = "bound"
+EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Invite:
+    """One 3PID invite."""
+
+    id: str
+    token: str
+    medium: str
+    address: str
+    room_id: str
+    sender: str
+    display_name: str
+    ephemeral_public_key: str
+    details: dict[str, str]
+    created_ts: int
+    state: str
+    resolved_mxid: str | None
+    resolved_ts: int | None
+
+
+_COLUMNS = (
+    "id, token, medium, address, room_id, sender, display_name, ephemeral_public_key, details,"
+    " created_ts, state, resolved_mxid, resolved_ts"
+)
+
+
+def _invite(row: Any) -> Invite:
+    return Invite(
+        id=row["id"],
+        token=row["token"],
+        medium=row["medium"],
+        address=row["address"],
+        room_id=row["room_id"],
+        sender=row["sender"],
+        display_name=row["display_name"],
+        ephemeral_public_key=row["ephemeral_public_key"],
+        details=json.loads(row["details"]),
+        created_ts=row["created_ts"],
+        state=row["state"],
+        resolved_mxid=row["resolved_mxid"],
+        resolved_ts=row["resolved_ts"],
+    )
+
+
+class InviteStore:
+    """SQL for the ``invites`` table."""
+
+    def __init__(self, db: AppDatabase) -> None:
+        self._db = db
+
+    async def create(self, invite: Invite) -> None:
+        """Store a new invite."""
+        await self._db.execute(
+            f"INSERT INTO invites ({_COLUMNS})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            invite.id,
+            invite.token,
+            invite.medium,
+            invite.address,
+            invite.room_id,
+            invite.sender,
+            invite.display_name,
+            invite.ephemeral_public_key,
+            json.dumps(invite.details, sort_keys=True),
+            invite.created_ts,
+            invite.state,
+            invite.resolved_mxid,
+            invite.resolved_ts,
+        )
+
+    async def delete(self, invite_id: str) -> None:
+        """Remove an invite that was never announced (its email could not be sent)."""
+        await self._db.execute("DELETE FROM invites WHERE id = $1", invite_id)
+
+    async def by_id(self, invite_id: str) -> Invite | None:
+        """An invite by id."""
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM invites WHERE id = $1", invite_id)
+        return _invite(row) if row else None
+
+    async def by_token(self, token: str) -> Invite | None:
+        """An invite by its store-invite token."""
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM invites WHERE token = $1", token)
+        return _invite(row) if row else None
+
+    async def pending_for(self, medium: str, address: str) -> list[Invite]:
+        """Pending invites of one 3PID, oldest first."""
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM invites WHERE medium = $1 AND address = $2 AND state = $3"
+            " ORDER BY created_ts, id",
+            medium,
+            address,
+            PENDING,
+        )
+        return [_invite(row) for row in rows]
+
+    async def resolve(self, invite_id: str, state: str, mxid: str, now_ms: int) -> bool:
+        """Move a pending invite to ``state`` for ``mxid``; False if it was no longer pending."""
+        row = await self._db.fetchrow(
+            "UPDATE invites SET state = $2, resolved_mxid = $3, resolved_ts = $4"
+            " WHERE id = $1 AND state = $5 RETURNING id",
+            invite_id,
+            state,
+            mxid,
+            now_ms,
+            PENDING,
+        )
+        return row is not None
+
+    async def pending_created_before(self, cutoff_ms: int, limit: int) -> list[Invite]:
+        """Pending invites created before ``cutoff_ms`` (the expired ones), oldest first."""
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM invites WHERE state = $1 AND created_ts < $2"
+            " ORDER BY created_ts, id LIMIT $3",
+            PENDING,
+            cutoff_ms,
+            limit,
+        )
+        return [_invite(row) for row in rows]
+
+    async def pending_with_binding(self, limit: int) -> list[tuple[Invite, str]]:
+        """Pending invites whose 3PID is bound now, with the bound Matrix ID."""
+        columns = ", ".join(f"i.{c.strip()}" for c in _COLUMNS.split(","))
+        rows = await self._db.fetch(
+            f"SELECT {columns}, b.mxid AS bound_mxid FROM invites i"
+            " JOIN bindings b ON b.medium = i.medium AND b.address = i.address"
+            " WHERE i.state = $1 ORDER BY i.created_ts, i.id LIMIT $2",
+            PENDING,
+            limit,
+        )
+        return [(_invite(row), row["bound_mxid"]) for row in rows]
+
+    async def has_pending_key(self, public_key: str) -> bool:
+        """Whether ``public_key`` is the ephemeral key of a pending invite."""
+        value = await self._db.fetchval(
+            "SELECT 1 FROM invites WHERE ephemeral_public_key = $1 AND state = $2 LIMIT 1",
+            public_key,
+            PENDING,
+        )
+        return value is not None
+
+    async def list(self, state: str | None, limit: int) -> list[Invite]:
+        """Invites, newest first, optionally of one state."""
+        if state is None:
+            rows = await self._db.fetch(
+                f"SELECT {_COLUMNS} FROM invites ORDER BY created_ts DESC, id LIMIT $1", limit
+            )
+        else:
+            rows = await self._db.fetch(
+                f"SELECT {_COLUMNS} FROM invites WHERE state = $1"
+                " ORDER BY created_ts DESC, id LIMIT $2",
+                state,
+                limit,
+            )
+        return [_invite(row) for row in rows]

@@ -1,0 +1,310 @@
+"""3PID invites: store them, mail the invitee, resolve them once (bound or expired) and queue
+the onbind notification for the homeserver in the same transaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import nacl.signing
+import signedjson.key
+import signedjson.sign
+from unpaddedbase64 import encode_base64
+
+from appservice.clock import Clock
+from appservice.config import InvitesConfig, RateLimit
+from appservice.crypto.signing import KeyRing
+from appservice.db.bindings import Binding, BindingStore
+from appservice.db.database import AppDatabase
+from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
+from appservice.db.outbox import OutboxStore
+from appservice.errors import MatrixError, forbidden, invalid_param
+from appservice.notifications.connectors import EmailConnector
+from appservice.notifications.generator import MessageGenerator
+from appservice.notifications.message import NotificationError
+from appservice.services.keys import normalise_public_key
+from appservice.services.ratelimits import RateLimiter
+from appservice.threepid import parse_email, user_id_server
+
+log = logging.getLogger(__name__)
+
+ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
+# Optional store-invite fields kept for the invite email; Synapse sends "" for unset ones.
+DETAIL_FIELDS = (
+    "room_alias",
+    "room_avatar_url",
+    "room_join_rules",
+    "room_name",
+    "room_type",
+    "sender_display_name",
+    "sender_avatar_url",
+)
+_BATCH = 500
+
+
+def redact_address(address: str, local_chars: int, domain_chars: int) -> str:
+    """A display form of an email address that does not reveal it (``a…@e…``)."""
+    local, _, domain = address.partition("@")
+    return f"{local[:local_chars]}…@{domain[:domain_chars]}…"
+
+
+@dataclass(frozen=True)
+class StoreInviteRequest:
+    """The fields of a store-invite request."""
+
+    medium: str
+    address: str
+    room_id: str
+    sender: str
+    details: Mapping[str, str]
+
+
+class InviteService:
+    """The rules of 3PID invites."""
+
+    def __init__(
+        self,
+        db: AppDatabase,
+        invites: InviteStore,
+        outbox: OutboxStore,
+        bindings: BindingStore,
+        keyring: KeyRing,
+        generator: MessageGenerator,
+        email: EmailConnector,
+        ratelimiter: RateLimiter,
+        config: InvitesConfig,
+        sender_limit: RateLimit,
+        *,
+        server_name: str,
+        public_base_url: str,
+        expired_user_id: str,
+        clock: Clock,
+    ) -> None:
+        self._db = db
+        self._invites = invites
+        self._outbox = outbox
+        self._bindings = bindings
+        self._keyring = keyring
+        self._generator = generator
+        self._email = email
+        self._ratelimiter = ratelimiter
+        self._config = config
+        self._sender_limit = sender_limit
+        self._server_name = server_name
+        self._public_base_url = public_base_url.rstrip("/")
+        self._expired_user_id = config.expiration.resolve_to or expired_user_id
+        self._clock = clock
+        # Called after a notification was queued, to wake this instance's delivery worker.
+        self.on_queued: Callable[[], None] = lambda: None
+
+    @property
+    def expired_user_id(self) -> str:
+        """Who expired invites are resolved to."""
+        return self._expired_user_id
+
+    async def store_invite(self, request: StoreInviteRequest, caller: str) -> dict[str, Any]:
+        """Store an invite, mail the invitee, and answer what the homeserver puts in the room."""
+        if request.medium != "email":
+            raise MatrixError(400, "M_UNRECOGNIZED", f"Unsupported medium {request.medium!r}")
+        address = parse_email(request.address)
+        if address is None:
+            raise MatrixError(400, "M_INVALID_EMAIL", "Invalid email address")
+        if not request.room_id.startswith("!"):
+            raise invalid_param("room_id must be a room ID (starting with !)")
+        if user_id_server(request.sender) is None:
+            raise invalid_param("sender must be a Matrix user ID")
+        if request.sender != caller:
+            raise forbidden("sender must be the authenticated user")
+        bound = await self._bindings.get("email", address)
+        if bound is not None:
+            raise MatrixError(
+                400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
+            )
+        await self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit)
+
+        ephemeral = nacl.signing.SigningKey.generate()
+        details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
+        invite = Invite(
+            id=secrets.token_urlsafe(12),
+            token=secrets.token_urlsafe(32),
+            medium="email",
+            address=address,
+            room_id=request.room_id,
+            sender=request.sender,
+            display_name=redact_address(
+                address, self._config.redaction.local_chars, self._config.redaction.domain_chars
+            ),
+            ephemeral_public_key=encode_base64(bytes(ephemeral.verify_key)),
+            details=details,
+            created_ts=self._clock.now_ms(),
+            state=PENDING,
+            resolved_mxid=None,
+            resolved_ts=None,
+        )
+        await self._invites.create(invite)
+        try:
+            await self._email.send_email(self._invite_email(invite))
+        except NotificationError as e:
+            await self._invites.delete(invite.id)  # nothing half-written
+            raise MatrixError(
+                400, "M_EMAIL_SEND_ERROR", f"Failed to send the invitation email: {e}"
+            ) from e
+        log.info("stored invite %s to room %s by %s", invite.id, invite.room_id, invite.sender)
+        server_key = self._keyring.current.public_key
+        base = f"{self._public_base_url}/_matrix/identity/v2/pubkey"
+        return {
+            "token": invite.token,
+            "public_keys": [
+                {"public_key": server_key, "key_validity_url": f"{base}/isvalid"},
+                {
+                    "public_key": invite.ephemeral_public_key,
+                    "key_validity_url": f"{base}/ephemeral/isvalid",
+                },
+            ],
+            "public_key": server_key,
+            "display_name": invite.display_name,
+        }
+
+    def _invite_email(self, invite: Invite) -> Any:
+        d = invite.details
+        join_url = self._config.join_url.replace(
+            "{room_id}", quote(invite.room_id, safe="")
+        ).replace("{room_alias}", quote(d.get("room_alias", ""), safe=""))
+        return self._generator.invite_email(
+            invite.address,
+            sender=invite.sender,
+            sender_display_name=d.get("sender_display_name", ""),
+            room_id=invite.room_id,
+            room_name=d.get("room_name", ""),
+            room_alias=d.get("room_alias", ""),
+            room_avatar_url=d.get("room_avatar_url", ""),
+            room_type=d.get("room_type", ""),
+            token=invite.token,
+            join_url=join_url,
+        )
+
+    async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
+        """Sign ``{mxid, sender, token}`` with an invite's ephemeral private key."""
+        invite = await self._invites.by_token(token)
+        if invite is None:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unknown invite token")
+        seed = normalise_public_key(private_key)  # same encoding rules: 32 bytes of base64
+        if seed is None:
+            raise invalid_param("private_key must be an unpadded base64 ed25519 seed")
+        key = signedjson.key.decode_signing_key_base64("ed25519", "0", seed)
+        signed: dict[str, Any] = signedjson.sign.sign_json(
+            {"mxid": mxid, "sender": invite.sender, "token": token}, self._server_name, key
+        )
+        return signed
+
+    async def ephemeral_key_valid(self, public_key: str) -> bool:
+        """Whether ``public_key`` belongs to a pending invite (resolved invites revoke it)."""
+        normalised = normalise_public_key(public_key)
+        return normalised is not None and await self._invites.has_pending_key(normalised)
+
+    def _onbind_body(self, invite: Invite, mxid: str) -> dict[str, Any]:
+        signed = self._keyring.sign({"mxid": mxid, "token": invite.token}, self._server_name)
+        return {
+            "medium": invite.medium,
+            "address": invite.address,
+            "mxid": mxid,
+            "invites": [
+                {
+                    "medium": invite.medium,
+                    "address": invite.address,
+                    "mxid": mxid,
+                    "room_id": invite.room_id,
+                    "sender": invite.sender,
+                    "signed": signed,
+                }
+            ],
+        }
+
+    async def _resolve(self, invite: Invite, state: str, mxid: str) -> bool:
+        """Resolve a pending invite and queue its onbind, atomically; False if already resolved.
+
+        Runs inside the caller's transaction when there is one (a bind), else in its own.
+        """
+        destination = user_id_server(mxid)
+        if destination is None:
+            raise ValueError(f"cannot deliver to {mxid!r}")
+        now = self._clock.now_ms()
+        async with self._db.transaction():
+            if not await self._invites.resolve(invite.id, state, mxid, now):
+                return False
+            await self._outbox.enqueue(
+                secrets.token_urlsafe(12),
+                invite.id,
+                destination,
+                json.dumps(self._onbind_body(invite, mxid)),
+                now,
+            )
+        log.info("invite %s resolved (%s); onbind queued for %s", invite.id, state, destination)
+        return True
+
+    async def on_bound(self, binding: Binding) -> int:
+        """A 3PID was bound: resolve its pending invites to the new owner (bind's transaction)."""
+        resolved = 0
+        for invite in await self._invites.pending_for(binding.medium, binding.address):
+            if await self._resolve(invite, BOUND, binding.mxid):
+                resolved += 1
+        return resolved
+
+    def notify_queued(self) -> None:
+        """Wake the delivery worker (after the transaction that queued something committed)."""
+        self.on_queued()
+
+    async def expire_due(self) -> int:
+        """Resolve every pending invite older than ``invites.expiration.after``."""
+        if not self._config.expiration.enabled:
+            return 0
+        cutoff = self._clock.now_ms() - int(self._config.expiration.after * 1000)
+        expired = 0
+        while True:
+            batch = await self._invites.pending_created_before(cutoff, _BATCH)
+            for invite in batch:
+                if await self._resolve(invite, EXPIRED, self._expired_user_id):
+                    expired += 1
+            if len(batch) < _BATCH:
+                break
+        if expired:
+            self.notify_queued()
+        return expired
+
+    async def expire(self, invite_id: str) -> bool:
+        """Withdraw one pending invite now (admin command)."""
+        invite = await self._invites.by_id(invite_id)
+        if invite is None or invite.state != PENDING:
+            return False
+        done = await self._resolve(invite, EXPIRED, self._expired_user_id)
+        if done:
+            self.notify_queued()
+        return done
+
+    async def resolve_bound(self) -> int:
+        """Resolve pending invites whose 3PID is bound by now (however it got bound)."""
+        resolved = 0
+        while True:
+            batch = await self._invites.pending_with_binding(_BATCH)
+            progress = 0
+            for invite, mxid in batch:
+                if await self._resolve(invite, BOUND, mxid):
+                    progress += 1
+            resolved += progress
+            if len(batch) < _BATCH or progress == 0:
+                break
+        if resolved:
+            self.notify_queued()
+        return resolved
+
+    async def retry(self, invite_id: str) -> int:
+        """Make an invite's undelivered notifications due again (admin command)."""
+        count = await self._outbox.requeue(invite_id, self._clock.now_ms())
+        if count:
+            self.notify_queued()
+        return count
