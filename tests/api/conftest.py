@@ -15,19 +15,10 @@ from appservice.clock import FakeClock
 from appservice.config import Config, load_config_text
 from appservice.db.bindings import Binding
 from tests.support.homeserver import FakeHomeserver
+from tests.support.settings import deep_merge
 from tests.support.signing_homeserver import SigningHomeserver
 from tests.support.smtp import SmtpSink
 from tests.support.twilio import FakeTwilio
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def make_config(
@@ -55,7 +46,7 @@ def make_config(
             }
         }
     if twilio is not None:
-        settings = _merge(
+        settings = deep_merge(
             settings,
             {
                 "notifications": {
@@ -71,7 +62,7 @@ def make_config(
                 }
             },
         )
-    settings = _merge(settings, yaml.safe_load(yaml_text) or {})
+    settings = deep_merge(settings, yaml.safe_load(yaml_text) or {})
     return load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from appservice.app import IdentityServer
 from appservice.config import load_config_text
+from tests.support.settings import deep_merge
 from tests.support.smtp import SmtpSink
 from tests.support.synapse import SynapseServer, ensure_synapse_venv, free_port
 from tests.support.tls import TestCertificates, make_test_certificates
@@ -63,8 +64,17 @@ class RunningIdentityServer:
 
 
 @pytest.fixture
+def identity_settings() -> dict[str, Any]:
+    """Extra config for the identity server under test (override in a test module)."""
+    return {}
+
+
+@pytest.fixture
 async def identity_server(
-    tmp_path: Path, synapse: SynapseServer, test_certificates: TestCertificates
+    tmp_path: Path,
+    synapse: SynapseServer,
+    test_certificates: TestCertificates,
+    identity_settings: dict[str, Any],
 ) -> AsyncIterator[RunningIdentityServer]:
     """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
     port = free_port()
@@ -85,7 +95,9 @@ async def identity_server(
             "notifications": {
                 "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
             },
+            "appservice": {"homeserver_domain": synapse.server_name},
         }
+        settings = deep_merge(settings, identity_settings)
         config = load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
         server = IdentityServer(config)
         await server.start()
