@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from mautrix.appservice.state_store.asyncpg import PgASStateStore
+from mautrix.types import UserID
 
 from appservice.api import account, bind, invites, keys, lookup, status, terms, v1, validation
 from appservice.api.context import ApiContext
@@ -19,6 +21,7 @@ from appservice.clock import Clock
 from appservice.config import Config
 from appservice.crypto.signing import KeyRing
 from appservice.db.accounts import AccountStore
+from appservice.db.appservice import AppserviceStore
 from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
 from appservice.db.invites import InviteStore
@@ -34,11 +37,14 @@ from appservice.federation.server_keys import ServerKeyFetcher
 from appservice.federation.xmatrix import verify_x_matrix
 from appservice.jobs.periodic import PeriodicJob
 from appservice.jobs.purge import purge_expired
+from appservice.matrix.actions import RoomActionWorker
+from appservice.matrix.appservice import IdentityAppService
 from appservice.notifications.connectors import build_email_connector, build_sms_connector
 from appservice.notifications.generator import MessageGenerator
 from appservice.services.accounts import AccountService, OpenIdVerifier
 from appservice.services.bindings import BindingService
 from appservice.services.delivery import OnbindDelivery
+from appservice.services.expired_invites import ExpiredInviteService
 from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
@@ -49,6 +55,8 @@ from appservice.services.terms import TermsService
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 3600.0
+ACTIONS_POLL_S = 5.0
+REGISTRATION_RETRY_S = 30.0
 
 
 class IdentityServer:
@@ -145,6 +153,20 @@ class IdentityServer:
             self.invites.resolve_bound,
         )
         self.keys.set_ephemeral_check(self.invites.ephemeral_key_valid)
+        self.appservice_store = AppserviceStore(self.db)
+        self.expired_invites = ExpiredInviteService(
+            self.db,
+            self.appservice_store,
+            InviteStore(self.db),
+            self.generator,
+            self.clock,
+            expired_user_id=self.invites.expired_user_id,
+            expire_after_s=float(config.invites.expiration.after),
+        )
+        self.matrix: IdentityAppService | None = None
+        self.appservice_status: dict[str, Any] = {"enabled": config.appservice.enabled}
+        self.actions_job: PeriodicJob | None = None
+        self.registration_job: PeriodicJob | None = None
         self.key_fetcher = ServerKeyFetcher(self.federation, self.clock.time)
         own_names = (config.server.name, *config.server.alternative_names)
         self.binding_service = BindingService(
@@ -165,7 +187,7 @@ class IdentityServer:
             PURGE_INTERVAL_S,
             functools.partial(purge_expired, self.sessions, self.ratelimiter),
         )
-        self.jobs = [
+        self.jobs: list[PeriodicJob] = [
             self.purge_job,
             self.delivery_job,
             self.expiry_job,
@@ -179,8 +201,11 @@ class IdentityServer:
         applied = await self.db.migrate()
         if applied:
             log.info("database migrated to version %d", applied[-1])
+        await self.db.run_locked(PgASStateStore.upgrade_table.upgrade)
         await self.keys.start()
         await self.lookup.start()
+        if self.config.appservice.enabled:
+            await self._start_appservice()
         for job in self.jobs:
             job.start()
 
@@ -191,10 +216,52 @@ class IdentityServer:
             self._runner = None
         for job in self.jobs:
             await job.stop()
+        if self.matrix is not None:
+            await self.matrix.stop()
+            self.matrix = None
         await self.email.close()
         await self.sms.close()
         await self.federation.close()
         await self.db.stop()
+
+    async def _start_appservice(self) -> None:
+        """Start the private appservice listener, its action worker and user registration."""
+        config = self.config.appservice
+        matrix = IdentityAppService(
+            config, PgASStateStore(self.db.db), self.expired_invites.handle_transaction
+        )
+        await matrix.start(config.listen.host, config.listen.port)
+        self.matrix = matrix
+        log.info("appservice listening on %s:%d", config.listen.host, config.listen.port)
+        worker = RoomActionWorker(
+            self.appservice_store,
+            lambda user_id: matrix.intent.user(UserID(user_id)),
+            self.clock,
+            post_notice=config.post_notice,
+        )
+        self.actions_job = PeriodicJob("appservice-actions", ACTIONS_POLL_S, worker.perform_due)
+        self.expired_invites.on_recorded = self.actions_job.wake
+        self.registration_job = PeriodicJob(
+            "appservice-registration", REGISTRATION_RETRY_S, self._register_users
+        )
+        self.jobs += [self.actions_job, self.registration_job]
+
+    async def _register_users(self) -> None:
+        """Register the bot and the inviteExpired user, then ping the homeserver (retried)."""
+        if self.matrix is None or self.appservice_status.get("ping") == "ok":
+            return
+        matrix = self.matrix
+        try:
+            await matrix.intent.ensure_registered()
+            await matrix.intent.user(UserID(self.invites.expired_user_id)).ensure_registered()
+            duration_ms = await matrix.ping_self()
+        except Exception as e:  # homeserver not up yet, or refusing: retried later
+            self.appservice_status.update(ping="failed", error=f"{type(e).__name__}: {e}")
+            log.warning("appservice: homeserver not reachable yet: %s", e)
+            return
+        self.appservice_status.update(ping="ok", duration_ms=duration_ms)
+        self.appservice_status.pop("error", None)
+        log.info("appservice: users registered; homeserver ping round trip %d ms", duration_ms)
 
     async def health(self) -> dict[str, Any]:
         """What ``/health`` reports."""
@@ -202,8 +269,12 @@ class IdentityServer:
             await self.db.fetchval("SELECT 1")
         except Exception as e:  # any database failure means unhealthy, whatever its type
             log.warning("health check: database unavailable: %s", e)
-            return {"status": "unavailable", "database": "unavailable"}
-        return {"status": "ok", "database": "ok"}
+            return {
+                "status": "unavailable",
+                "database": "unavailable",
+                "appservice": self.appservice_status,
+            }
+        return {"status": "ok", "database": "ok", "appservice": self.appservice_status}
 
     def public_app(self) -> web.Application:
         """The Identity Service API web application."""

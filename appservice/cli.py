@@ -1,25 +1,36 @@
-"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate``."""
+"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate`` and
+``invites list|show|expire|retry``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from appservice.clock import Clock
 from appservice.config import Config, ConfigError, load_config
 from appservice.crypto.signing import KeyFileError, KeyRing
 from appservice.db.database import AppDatabase, DatabaseError
+from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
+from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
+from appservice.db.outbox import PENDING as QUEUED
 from appservice.db.signing_keys import SigningKeyStore
 from appservice.resources import EXAMPLE_CONFIG
 
+if TYPE_CHECKING:
+    from appservice.app import IdentityServer
+
 DEFAULT_CONFIG = "config.yaml"
+DEFAULT_INVITE_LIMIT = 100
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -29,6 +40,19 @@ def _listen_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its --help lists every command)."""
     parser = argparse.ArgumentParser(
@@ -36,27 +60,57 @@ def build_parser() -> argparse.ArgumentParser:
         description="Matrix identity server and application service.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
-        )
-        return p
-
-    run = with_config(
+    run = _with_config(
         commands.add_parser("run", help="serve (creates the config from the example on first run)")
     )
     run.add_argument("--listen", type=_listen_address, help="override listen address, HOST:PORT")
-    gen = with_config(commands.add_parser("generate-config", help="write a fresh config file"))
+    gen = _with_config(commands.add_parser("generate-config", help="write a fresh config file"))
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
-    with_config(commands.add_parser("migrate", help="apply database migrations and exit"))
+    _with_config(commands.add_parser("migrate", help="apply database migrations and exit"))
     keys = commands.add_parser("keys", help="show or rotate the signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    with_config(key_commands.add_parser("show", help="list the signing keys"))
-    with_config(
+    _with_config(key_commands.add_parser("show", help="list the signing keys"))
+    _with_config(
         key_commands.add_parser("rotate", help="make a new current key; older keys become invalid")
     )
+    _add_invites_parser(commands)
     return parser
+
+
+def _add_invites_parser(commands: Any) -> None:
+    invites = commands.add_parser("invites", help="list, inspect, expire or retry 3PID invites")
+    actions = invites.add_subparsers(dest="invites_command", required=True, metavar="ACTION")
+    lst = actions.add_parser("list", help="list invites, newest first")
+    with_filter = lst.add_mutually_exclusive_group()
+    for flag, help_text in (
+        (PENDING, "only invites waiting for their address to be bound"),
+        (EXPIRED, "only withdrawn invites (too old, or `invites expire`)"),
+        (BOUND, "only invites resolved by a bind"),
+        (DELIVERED, "only invites whose onbind notification was delivered"),
+        (FAILED, "only invites whose onbind delivery failed (see `invites retry`)"),
+    ):
+        with_filter.add_argument(
+            f"--{flag}", dest="filter", action="store_const", const=flag, help=help_text
+        )
+    lst.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=DEFAULT_INVITE_LIMIT,
+        metavar="N",
+        help=f"at most N invites (default {DEFAULT_INVITE_LIMIT})",
+    )
+    lst.add_argument("--json", action="store_true", help="print a JSON array (for jq)")
+    show = actions.add_parser("show", help="one invite in full, with its onbind deliveries")
+    show.add_argument("invite_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    expire = actions.add_parser("expire", help="withdraw a pending invite now")
+    expire.add_argument("invite_id", metavar="ID")
+    retry = actions.add_parser(
+        "retry", help="deliver an invite's failed or pending onbind notifications again now"
+    )
+    retry.add_argument("invite_id", metavar="ID")
+    for action in (lst, show, expire, retry):
+        _with_config(action)
 
 
 def write_example_config(path: Path) -> None:
@@ -120,6 +174,255 @@ async def _keys(config: Config, action: str) -> None:
         await db.stop()
 
 
+# --- invites ------------------------------------------------------------------------------------
+
+QUEUED_NOTE = "queued; a running server delivers it"
+
+
+def _require_key_file(config: Config) -> None:
+    # IdentityServer would create a fresh key, and onbind notifications signed with a key the
+    # server never published are refused: use the server's own key, never a new one.
+    key_path = Path(config.keys.signing_key_path)
+    if not key_path.exists():
+        raise KeyFileError(
+            f"keys: no signing key file at {key_path}; use the running server's config and key"
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_server(config: Config) -> AsyncIterator[IdentityServer]:
+    """The server's services on a migrated database, without its jobs or web server."""
+    from appservice.app import IdentityServer
+    from appservice.notifications import connectors
+
+    _require_key_file(config)
+    # The warnings about log connectors concern serving; these commands send nothing.
+    connector_log = logging.getLogger(connectors.__name__)
+    level = connector_log.level
+    connector_log.setLevel(logging.ERROR)
+    try:
+        server = IdentityServer(config)
+    finally:
+        connector_log.setLevel(level)
+    try:
+        await server.db.start()
+        await server.db.migrate()
+        await server.keys.start()
+        await server.lookup.start()
+        yield server
+    finally:
+        await server.stop()
+
+
+def _iso(ms: int | None) -> str | None:
+    """A millisecond timestamp as ISO 8601 UTC (``2024-05-01T12:00:00Z``)."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _printable(value: object) -> str:
+    """Text for the terminal: control characters (stored from requests) escaped, None as -."""
+    if value is None:
+        return "-"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
+def delivery_state(entries: Sequence[OutboxEntry]) -> str:
+    """One word for an invite's onbind deliveries: none, failed, pending or delivered."""
+    states = {entry.state for entry in entries}
+    if not states:
+        return "none"
+    if FAILED in states:
+        return FAILED
+    if states == {DELIVERED}:
+        return DELIVERED
+    return QUEUED
+
+
+async def _invite_ids_by_delivery(db: AppDatabase, delivery: str, limit: int) -> list[str]:
+    """Ids of invites whose delivery (as :func:`delivery_state` words it) is ``delivery``,
+    newest first. ``failed``: some notification failed; ``delivered``: all were delivered."""
+    if delivery == FAILED:
+        where = "i.id IN (SELECT invite_id FROM onbind_outbox WHERE state = $1)"
+    else:
+        where = (
+            "i.id IN (SELECT invite_id FROM onbind_outbox WHERE state = $1) AND NOT EXISTS"
+            " (SELECT 1 FROM onbind_outbox o WHERE o.invite_id = i.id AND o.state <> $1)"
+        )
+    rows = await db.fetch(
+        f"SELECT i.id FROM invites i WHERE {where} ORDER BY i.created_ts DESC, i.id LIMIT $2",
+        delivery,
+        limit,
+    )
+    return [row["id"] for row in rows]
+
+
+async def _list_invites(
+    db: AppDatabase, choice: str | None, limit: int
+) -> list[tuple[Invite, list[OutboxEntry]]]:
+    store, outbox = InviteStore(db), OutboxStore(db)
+    if choice in (DELIVERED, FAILED):
+        found = [await store.by_id(i) for i in await _invite_ids_by_delivery(db, choice, limit)]
+        invites = [invite for invite in found if invite is not None]
+    else:
+        invites = await store.list(choice, limit)
+    return [(invite, await outbox.for_invite(invite.id)) for invite in invites]
+
+
+def _summary(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
+    """A row of ``invites list``; the invitee only as its redacted display name."""
+    return {
+        "id": invite.id,
+        "state": invite.state,
+        "delivery": delivery_state(entries),
+        "created": _iso(invite.created_ts),
+        "room_id": invite.room_id,
+        "sender": invite.sender,
+        "invitee": invite.display_name,
+        "resolved_mxid": invite.resolved_mxid,
+    }
+
+
+def _entry_details(entry: OutboxEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "destination": entry.destination,
+        "state": entry.state,
+        "attempts": entry.attempts,
+        "last_error": entry.last_error,
+        "created": _iso(entry.created_ts),
+        "next_attempt": _iso(entry.next_attempt_ts) if entry.state == QUEUED else None,
+        "claimed_until": _iso(entry.claimed_until),
+        "delivered": _iso(entry.delivered_ts),
+    }
+
+
+def _details(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
+    """Everything ``invites show`` tells about an invite (the full address included)."""
+    return {
+        "id": invite.id,
+        "state": invite.state,
+        "delivery": delivery_state(entries),
+        "medium": invite.medium,
+        "address": invite.address,
+        "display_name": invite.display_name,
+        "room_id": invite.room_id,
+        "sender": invite.sender,
+        "created": _iso(invite.created_ts),
+        "resolved_mxid": invite.resolved_mxid,
+        "resolved": _iso(invite.resolved_ts),
+        "token": invite.token,
+        "ephemeral_public_key": invite.ephemeral_public_key,
+        "details": dict(sorted(invite.details.items())),
+        "outbox": [_entry_details(entry) for entry in entries],
+    }
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        print("no invites")
+        return
+    columns = list(rows[0])
+    cells = [columns] + [[_printable(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _print_fields(fields: Sequence[tuple[str, object]], indent: str = "") -> None:
+    width = max(len(name) for name, _ in fields) + 1
+    for name, value in fields:
+        print(f"{indent}{(name + ':').ljust(width)} {_printable(value)}")
+
+
+def _print_invite(info: dict[str, Any]) -> None:
+    fields = [(k, v) for k, v in info.items() if k not in ("details", "outbox")]
+    fields += [(f"details.{k}", v) for k, v in info["details"].items()]
+    _print_fields(fields)
+    if not info["outbox"]:
+        print("outbox: none (an invite queues its onbind notification once bound or expired)")
+    for entry in info["outbox"]:
+        print(f"outbox {_printable(entry['id'])} to {_printable(entry['destination'])}:")
+        shown = ["state", "attempts", "last_error", "created"]
+        shown.append("delivered" if entry["state"] == DELIVERED else "next_attempt")
+        if entry["claimed_until"] is not None:
+            shown.append("claimed_until")
+        _print_fields([(name.replace("_", " "), entry[name]) for name in shown], indent="  ")
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+async def _invites(config: Config, args: argparse.Namespace) -> int:
+    """``invites ACTION``; returns the exit status."""
+    async with open_server(config) as server:
+        action: str = args.invites_command
+        if action == "list":
+            found = await _list_invites(server.db, args.filter, args.limit)
+            rows = [_summary(invite, entries) for invite, entries in found]
+            if args.json:
+                _print_json(rows)
+            else:
+                _print_table(rows)
+            return 0
+        invite_id: str = args.invite_id
+        invite = await InviteStore(server.db).by_id(invite_id)
+        if invite is None:
+            print(f"error: no invite {_printable(invite_id)}", file=sys.stderr)
+            return 1
+        outbox = OutboxStore(server.db)
+        if action == "show":
+            info = _details(invite, await outbox.for_invite(invite.id))
+            if args.json:
+                _print_json(info)
+            else:
+                _print_invite(info)
+            return 0
+        if action == "expire":
+            return await _expire(server, invite, outbox)
+        return await _retry(server, invite, outbox)
+
+
+async def _expire(server: IdentityServer, invite: Invite, outbox: OutboxStore) -> int:
+    name = _printable(invite.id)
+    if invite.state != PENDING:
+        print(
+            f"error: invite {name} is {invite.state}, not pending; only pending invites expire",
+            file=sys.stderr,
+        )
+        return 1
+    if not await server.invites.expire(invite.id):
+        print(f"error: invite {name} is no longer pending", file=sys.stderr)
+        return 1
+    print(f"invite {name} expired: resolved to {_printable(server.invites.expired_user_id)}")
+    for entry in await outbox.for_invite(invite.id):
+        if entry.state == QUEUED:
+            print(f"onbind notification to {_printable(entry.destination)} {QUEUED_NOTE}")
+    return 0
+
+
+async def _retry(server: IdentityServer, invite: Invite, outbox: OutboxStore) -> int:
+    name = _printable(invite.id)
+    count = await server.invites.retry(invite.id)
+    if not count:
+        delivery = delivery_state(await outbox.for_invite(invite.id))
+        print(
+            f"error: invite {name} has no failed or pending onbind notification to retry"
+            f" (state {invite.state}, delivery {delivery})",
+            file=sys.stderr,
+        )
+        return 1
+    if count == 1:
+        print(f"invite {name}: 1 onbind notification {QUEUED_NOTE}")
+    else:
+        print(f"invite {name}: {count} onbind notifications queued; a running server delivers them")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -144,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"applied {applied}" if applied else "database is up to date")
         elif args.command == "keys":
             asyncio.run(_keys(config, args.keys_command))
+        elif args.command == "invites":
+            return asyncio.run(_invites(config, args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,10 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None
 T = TypeVar("T")
 
 
+# Tokens of the committed example registration.yaml; a server must never run with them.
+PLACEHOLDER_TOKENS = frozenset({"CHANGE_ME_as_token", "CHANGE_ME_hs_token"})
+
+
 class ConfigError(Exception):
     """A configuration mistake; ``str()`` is one line naming the key path."""
 
@@ -253,6 +257,23 @@ def _validate(config: Config) -> None:
     resolve_to = config.invites.expiration.resolve_to
     if resolve_to and not (resolve_to.startswith("@") and ":" in resolve_to):
         raise ConfigError(f'invites.expiration.resolve_to: "{resolve_to}" is not a Matrix user ID')
+    appservice = config.appservice
+    for key in ("as_token", "hs_token"):
+        token = getattr(appservice, key)
+        if token and (token in PLACEHOLDER_TOKENS or "CHANGE" in token.upper()):
+            raise ConfigError(
+                f"appservice.{key}: still the example placeholder; run generate-registration"
+            )
+    if bool(appservice.as_token) != bool(appservice.hs_token):
+        raise ConfigError("appservice.as_token: as_token and hs_token must be set together")
+    for key in ("bot_localpart", "expired_user_localpart"):
+        if not re.fullmatch(r"[a-z0-9._=/+-]+", getattr(appservice, key)):
+            raise ConfigError(f"appservice.{key}: not a valid Matrix localpart")
+    if appservice.bot_localpart == appservice.expired_user_localpart:
+        raise ConfigError("appservice.expired_user_localpart: must differ from bot_localpart")
+    for key in ("homeserver_url", "url"):
+        if not getattr(appservice, key).startswith(("http://", "https://")):
+            raise ConfigError(f"appservice.{key}: not an http(s) URL")
     if config.invites.delivery.concurrency < 1:
         raise ConfigError("invites.delivery.concurrency: must be at least 1")
     if config.session.max_attempts < 1:

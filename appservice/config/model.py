@@ -225,18 +225,54 @@ class InvitesConfig:
 
 
 @dataclass(frozen=True)
+class AppserviceListenConfig:
+    """The private listener the homeserver sends transactions to."""
+
+    host: str = "127.0.0.1"
+    port: int = 8091
+
+
+@dataclass(frozen=True)
 class AppserviceConfig:
     """The application service side: the users it controls on the homeserver."""
 
+    # Unique id of this application service on the homeserver.
+    id: str = "identity-appservice"
+    # Tokens shared with the homeserver (generate-registration creates them). Both empty: the
+    # application service is off (invites still expire, but nobody rejects them).
+    as_token: str = ""
+    hs_token: str = ""
+    # The homeserver's client-server API, e.g. http://127.0.0.1:8008.
+    homeserver_url: str = "http://127.0.0.1:8008"
     # The homeserver's server name (the domain part of its user IDs).
     homeserver_domain: str = "localhost"
+    # How the homeserver reaches listen below (the registration's url).
+    url: str = "http://127.0.0.1:8091"
+    listen: AppserviceListenConfig = field(default_factory=AppserviceListenConfig)
+    # Localpart of the appservice's bot user (the registration's sender_localpart).
+    bot_localpart: str = "_identity_bot"
     # Localpart of the user that expired invites are resolved to; the appservice rejects them.
     expired_user_localpart: str = "_identity_invite_expired"
+    # Instead of rejecting an expired invite with a reason: join, post the reason as m.notice,
+    # then leave.
+    post_notice: bool = False
+    # Also accept hs_token as ?access_token= (Synapse's use_appservice_legacy_authorization).
+    legacy_query_auth: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the application service runs (tokens are configured)."""
+        return bool(self.as_token and self.hs_token)
 
     @property
     def expired_user_id(self) -> str:
         """The inviteExpired user's Matrix ID."""
         return f"@{self.expired_user_localpart}:{self.homeserver_domain}"
+
+    @property
+    def bot_user_id(self) -> str:
+        """The bot's Matrix ID."""
+        return f"@{self.bot_localpart}:{self.homeserver_domain}"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +144,20 @@ class AppDatabase:
     async def fetchval(self, query: str, *args: Any) -> Any:
         """The first column of the first row, or None."""
         return await self.db.fetchval(query, *args)
+
+    async def run_locked(self, work: Callable[[Database], Awaitable[object]]) -> None:
+        """Run ``work(database)`` under the migration lock (PostgreSQL), e.g. a library's own
+        schema upgrade, so instances starting together do not race."""
+        if not self.is_postgres:
+            await work(self.db)
+            return
+        async with self.connection() as conn:
+            # Queries of ``work`` in this task reuse this connection, which holds the lock.
+            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+            try:
+                await work(self.db)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
 
     async def schema_version(self) -> int:
         """The newest applied migration, 0 for an empty database."""

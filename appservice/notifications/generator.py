@@ -36,6 +36,14 @@ SMS:
     Sent by ``requestToken`` to verify a phone number. ``to`` (E.164 digits without ``+``),
     ``token``.
 
+Application service:
+
+``invite_expired_reason.txt``
+    The reason shown when the inviteExpired user withdraws an expired invite (one line).
+    ``invitee`` (the redacted address), ``sender``, ``invited_on`` (date, UTC),
+    ``expired_after`` (e.g. "7 days"), ``room_id``; each may be empty for an invite that is
+    not one of ours.
+
 Web pages (rendered by ``GET .../validate/email/submitToken``):
 
 ``validation_success.html``
@@ -185,6 +193,23 @@ class MessageGenerator:
         )
         return self._email("invite_email", **variables)
 
+    def expired_invite_reason(
+        self, *, invitee: str, sender: str, invited_on: str, expired_after: str, room_id: str
+    ) -> str:
+        """The reason given when an expired invite is withdrawn (one line; any value may be
+        empty when the invite is not one of ours)."""
+        text = self._render(
+            "invite_expired_reason.txt",
+            {
+                "invitee": invitee,
+                "sender": sender,
+                "invited_on": invited_on,
+                "expired_after": expired_after,
+                "room_id": room_id,
+            },
+        )
+        return " ".join(text.split())
+
     def page(self, name: str, **variables: Any) -> str:
         """A web page, e.g. ``page("validation_failure", reason="...")``.
 
@@ -273,6 +298,16 @@ class MessageGenerator:
             for name, variables in samples:
                 self._email(name, **variables)
             self._render("validation.sms.txt", {"to": "15005550006", "token": "123456"})
+            self.expired_invite_reason(
+                invitee="a…@e…",
+                sender="@bob:example.org",
+                invited_on="2026-11-02",
+                expired_after="7 days",
+                room_id="!room:example.org",
+            )
+            self.expired_invite_reason(
+                invitee="", sender="", invited_on="", expired_after="", room_id=""
+            )
             self.page("validation_success")
             self.page("validation_failure", reason="The link has expired.")
         except NotificationError as e:

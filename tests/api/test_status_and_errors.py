@@ -19,7 +19,10 @@ async def test_v2_status_answers_empty_object(api: Api) -> None:
 
 
 async def test_health_reports_database_ok(api: Api) -> None:
-    assert await api.request("GET", "/health") == (200, {"status": "ok", "database": "ok"})
+    assert await api.request("GET", "/health") == (
+        200,
+        {"status": "ok", "database": "ok", "appservice": {"enabled": False}},
+    )
 
 
 async def test_unknown_path_is_404_unrecognized(api: Api) -> None:

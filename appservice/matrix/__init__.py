@@ -1,0 +1,1 @@
+"""The Matrix application service (mautrix): the homeserver's side door into this process."""

@@ -1,0 +1,100 @@
+"""Performs the recorded room actions of the inviteExpired user through the homeserver.
+
+Rejecting is ``leave`` while invited (with the reason); in notice mode the user joins, posts the
+reason as ``m.notice`` and leaves. Homeserver errors are retried with exponential backoff; a
+403/404 (the invite is gone, the user is not in the room) means there is nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.types import RoomID, UserID
+
+from appservice.clock import Clock
+from appservice.db.appservice import LEAVE, REJECT, AppserviceStore, RoomAction
+
+log = logging.getLogger(__name__)
+
+_BATCH = 50
+_LEASE_MS = 10 * 60 * 1000
+RETRY_INITIAL_S = 5.0
+RETRY_MAX_S = 15 * 60.0
+GIVE_UP_AFTER_S = 3 * 86400.0
+
+
+class RoomActionWorker:
+    """Claims due actions and performs them as the inviteExpired user."""
+
+    def __init__(
+        self,
+        store: AppserviceStore,
+        intent_for: Callable[[str], Any],
+        clock: Clock,
+        *,
+        post_notice: bool = False,
+    ) -> None:
+        self._store = store
+        self._intent_for = intent_for
+        self._clock = clock
+        self._post_notice = post_notice
+
+    async def perform_due(self) -> int:
+        """Perform every due action, one after the other; returns how many were done."""
+        done = 0
+        while True:
+            batch = await self._store.claim_due(self._clock.now_ms(), _LEASE_MS, _BATCH)
+            for action in batch:
+                done += await self._perform(action)
+            if len(batch) < _BATCH:
+                return done
+
+    async def _perform(self, action: RoomAction) -> int:
+        attempts = action.attempts + 1
+        intent = self._intent_for(action.user_id)
+        room_id = RoomID(action.room_id)
+        try:
+            await intent.ensure_registered()
+            if action.kind == REJECT and self._post_notice:
+                await intent.join_room_by_id(room_id)
+                await intent.send_notice(room_id, action.reason)
+                await intent.leave_room(room_id)
+            elif action.kind in (REJECT, LEAVE):
+                await intent.leave_room(room_id, reason=action.reason or None)
+            else:
+                await self._store.mark_failed(action.id, attempts, f"unknown kind {action.kind}")
+                return 0
+        except MatrixRequestError as e:
+            if e.http_status in (403, 404):
+                # Already rejected, or not in the room: the goal is reached.
+                log.info("%s in %s: nothing to do (%s)", action.kind, room_id, e.errcode)
+                await self._store.mark_done(action.id, attempts, self._clock.now_ms())
+                return 1
+            await self._retry_or_fail(action, attempts, f"HTTP {e.http_status} {e.errcode}")
+            return 0
+        except (MatrixConnectionError, OSError, TimeoutError) as e:
+            await self._retry_or_fail(action, attempts, f"{type(e).__name__}: {e}")
+            return 0
+        await self._store.mark_done(action.id, attempts, self._clock.now_ms())
+        log.info("%s done in %s as %s", action.kind, room_id, UserID(action.user_id))
+        return 1
+
+    async def _retry_or_fail(self, action: RoomAction, attempts: int, reason: str) -> None:
+        now = self._clock.now_ms()
+        delay_s = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (attempts - 1))
+        if now + delay_s * 1000 - action.created_ts > GIVE_UP_AFTER_S * 1000:
+            await self._store.mark_failed(action.id, attempts, f"gave up: {reason}")
+            log.warning("%s in %s failed for good: %s", action.kind, action.room_id, reason)
+            return
+        await self._store.mark_retry(action.id, attempts, now + int(delay_s * 1000), reason)
+        log.warning(
+            "%s in %s failed (attempt %d, retry in %ds): %s",
+            action.kind,
+            action.room_id,
+            attempts,
+            int(delay_s),
+            reason,
+        )

@@ -1,0 +1,101 @@
+"""The application service web app (mautrix ``AppService``) with strict hs_token checks and
+durable, idempotent transactions.
+
+mautrix acknowledges a transaction even when a handler fails, and remembers handled transaction
+ids only in memory. Here a transaction is acknowledged only after what it asks of us was written
+to the database (otherwise the homeserver gets a 500 and retries), and handled ids are stored, so
+a retried transaction is not processed twice, also across restarts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from mautrix.appservice import AppService
+from mautrix.appservice.state_store import ASStateStore
+
+from appservice.api.http import Handler, json_body, json_response, matrix_middleware
+from appservice.config import AppserviceConfig
+from appservice.errors import MatrixError, bad_json
+
+log = logging.getLogger(__name__)
+
+# (txn_id, events) -> None once everything the transaction asks for is recorded durably.
+TransactionHandler = Callable[[str, list[dict[str, Any]]], Awaitable[None]]
+
+_AUTHENTICATED_PREFIXES = ("/_matrix/app/", "/transactions/", "/users/", "/rooms/")
+
+
+class IdentityAppService(AppService):
+    """mautrix's AppService, wired to our database."""
+
+    def __init__(
+        self,
+        config: AppserviceConfig,
+        state_store: ASStateStore,
+        on_transaction: TransactionHandler,
+    ) -> None:
+        with warnings.catch_warnings():
+            # mautrix passes loop= to aiohttp's Application, which aiohttp deprecated.
+            warnings.filterwarnings("ignore", "loop argument is deprecated", DeprecationWarning)
+            super().__init__(
+                server=config.homeserver_url,
+                domain=config.homeserver_domain,
+                as_token=config.as_token,
+                hs_token=config.hs_token,
+                bot_localpart=config.bot_localpart,
+                id=config.id,
+                state_store=state_store,
+                log="appservice.matrix.mautrix",
+            )
+        self._legacy_query_auth = config.legacy_query_auth
+        self._on_transaction = on_transaction
+        self.app.middlewares.append(matrix_middleware)
+        self.app.middlewares.append(self._auth_middleware)
+
+    def _token_problem(self, request: web.Request) -> MatrixError | None:
+        """Why a request is not from our homeserver, or None when it is."""
+        header = request.headers.get("Authorization")
+        bearer = None
+        if header is not None:
+            scheme, _, value = header.partition(" ")
+            bearer = value.strip() if scheme.lower() == "bearer" else ""
+        query = request.query.get("access_token") if self._legacy_query_auth else None
+        given = [t for t in (bearer, query) if t is not None]
+        if not given:
+            return MatrixError(401, "M_UNAUTHORIZED", "Missing hs_token")
+        if not all(hmac.compare_digest(t.encode(), self.hs_token.encode()) for t in given):
+            return MatrixError(403, "M_FORBIDDEN", "Invalid hs_token")
+        return None
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(_AUTHENTICATED_PREFIXES):
+            problem = self._token_problem(request)
+            if problem is not None:
+                raise problem
+        return await handler(request)
+
+    def _check_token(self, request: web.Request) -> bool:
+        # Called by mautrix's handlers; the middleware has already answered 401/403.
+        return self._token_problem(request) is None
+
+    async def _http_handle_transaction(self, request: web.Request) -> web.Response:
+        txn_id = request.match_info["transaction_id"]
+        body = await json_body(request)
+        events = body.get("events")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise bad_json("events must be a list of events")
+        try:
+            await self._on_transaction(txn_id, events)
+        except Exception:  # the homeserver must retry: nothing may be lost
+            log.exception("could not record transaction %s", txn_id)
+            raise MatrixError(
+                500, "M_UNKNOWN", "Could not record the transaction; retry later"
+            ) from None
+        return json_response({})

@@ -1,0 +1,143 @@
+"""What the inviteExpired user does: turn invites to it into rejections with a reason.
+
+Transactions from the homeserver are recorded here (handled ids, and one action per invite or
+join of the inviteExpired user) in one database transaction; a job performs the actions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from appservice.clock import Clock
+from appservice.db.appservice import LEAVE, REJECT, AppserviceStore
+from appservice.db.database import AppDatabase
+from appservice.db.invites import InviteStore
+from appservice.notifications.generator import MessageGenerator
+
+log = logging.getLogger(__name__)
+
+# Handled transaction ids are kept this long (the homeserver stops retrying long before).
+TRANSACTION_MEMORY_S = 7 * 86400
+
+
+def human_duration(seconds: float) -> str:
+    """``7 days``, ``3 hours``, ``1 minute``, ``45 seconds``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if (seconds >= size and seconds % size == 0) or seconds >= 2 * size:
+            count = round(seconds / size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    count = round(seconds)
+    return f"{count} second{'s' if count != 1 else ''}"
+
+
+class ExpiredInviteService:
+    """Records what the inviteExpired user must do."""
+
+    def __init__(
+        self,
+        db: AppDatabase,
+        store: AppserviceStore,
+        invites: InviteStore,
+        generator: MessageGenerator,
+        clock: Clock,
+        *,
+        expired_user_id: str,
+        expire_after_s: float,
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._invites = invites
+        self._generator = generator
+        self._clock = clock
+        self.expired_user_id = expired_user_id
+        self._expire_after_s = expire_after_s
+        # Wakes the job that performs actions (after the transaction committed).
+        self.on_recorded: Callable[[], None] = lambda: None
+
+    async def handle_transaction(self, txn_id: str, events: list[dict[str, Any]]) -> None:
+        """Record a homeserver transaction; a retried one is a no-op."""
+        now = self._clock.now_ms()
+        recorded = 0
+        async with self._db.transaction():
+            if not await self._store.record_transaction(txn_id, now):
+                log.info("transaction %s was already handled", txn_id)
+                return
+            for event in events:
+                action = self._action_for(event)
+                if action is None:
+                    continue
+                kind, room_id, event_id = action
+                reason = await self._reason(event) if kind == REJECT else ""
+                if await self._store.add_action(
+                    secrets.token_urlsafe(12),
+                    kind,
+                    room_id,
+                    self.expired_user_id,
+                    reason,
+                    event_id,
+                    now,
+                ):
+                    recorded += 1
+        if recorded:
+            log.info("transaction %s: %d room action(s) recorded", txn_id, recorded)
+            self.on_recorded()
+
+    def _action_for(self, event: dict[str, Any]) -> tuple[str, str, str] | None:
+        """(kind, room_id, event_id) for a membership of the inviteExpired user, else None."""
+        if event.get("type") != "m.room.member" or event.get("state_key") != self.expired_user_id:
+            return None
+        content = event.get("content")
+        room_id = event.get("room_id")
+        event_id = event.get("event_id")
+        if not isinstance(content, dict) or not isinstance(room_id, str):
+            return None
+        if not isinstance(event_id, str):
+            return None
+        membership = content.get("membership")
+        if membership == "invite":
+            return REJECT, room_id, event_id
+        if membership == "join":
+            return LEAVE, room_id, event_id
+        return None
+
+    async def _reason(self, event: dict[str, Any]) -> str:
+        """The rejection reason, with the invite's details when it is one of ours."""
+        content = event.get("content", {})
+        third_party = content.get("third_party_invite")
+        token = None
+        display_name = ""
+        if isinstance(third_party, dict):
+            signed = third_party.get("signed")
+            if isinstance(signed, dict) and isinstance(signed.get("token"), str):
+                token = signed["token"]
+            if isinstance(third_party.get("display_name"), str):
+                display_name = third_party["display_name"]
+        invite = await self._invites.by_token(token) if token else None
+        if invite is not None:
+            invited_on = datetime.datetime.fromtimestamp(
+                invite.created_ts / 1000, datetime.UTC
+            ).strftime("%Y-%m-%d")
+            return self._generator.expired_invite_reason(
+                invitee=invite.display_name,
+                sender=invite.sender,
+                invited_on=invited_on,
+                expired_after=human_duration(self._expire_after_s),
+                room_id=invite.room_id,
+            )
+        sender = event.get("sender")
+        return self._generator.expired_invite_reason(
+            invitee=display_name,
+            sender=sender if isinstance(sender, str) and display_name else "",
+            invited_on="",
+            expired_after="",
+            room_id=str(event.get("room_id", "")),
+        )
+
+    async def purge(self) -> int:
+        """Forget old transaction ids."""
+        cutoff = self._clock.now_ms() - TRANSACTION_MEMORY_S * 1000
+        return await self._store.purge_transactions(cutoff)

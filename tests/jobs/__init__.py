@@ -1,0 +1,1 @@
+"""Background jobs: onbind delivery, invite expiry."""
