@@ -195,8 +195,8 @@ class IdentityServer:
         ]
         self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        """Connect, migrate and load shared state; call before serving."""
+    async def open(self) -> None:
+        """Connect, migrate and load shared state, without serving or background jobs."""
         await self.db.start()
         applied = await self.db.migrate()
         if applied:
@@ -204,6 +204,10 @@ class IdentityServer:
         await self.db.run_locked(PgASStateStore.upgrade_table.upgrade)
         await self.keys.start()
         await self.lookup.start()
+
+    async def start(self) -> None:
+        """Open, then start the background jobs (and the appservice); call before serving."""
+        await self.open()
         if self.config.appservice.enabled:
             await self._start_appservice()
         for job in self.jobs:

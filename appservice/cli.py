@@ -24,6 +24,12 @@ from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
 from appservice.db.outbox import PENDING as QUEUED
 from appservice.db.signing_keys import SigningKeyStore
+from appservice.matrix.registration import (
+    build_registration,
+    new_token,
+    set_config_tokens,
+    write_registration,
+)
 from appservice.resources import EXAMPLE_CONFIG
 
 if TYPE_CHECKING:
@@ -73,8 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(
         key_commands.add_parser("rotate", help="make a new current key; older keys become invalid")
     )
+    registration = _with_config(
+        commands.add_parser(
+            "generate-registration",
+            help="write the appservice registration for the homeserver (creates the tokens "
+            "and saves them in the config when it has none)",
+        )
+    )
+    registration.add_argument(
+        "-r",
+        "--registration",
+        default="registration.yaml",
+        help="where to write it (default registration.yaml)",
+    )
     _add_invites_parser(commands)
     return parser
+
+
+def _generate_registration(config_path: Path, registration_path: Path) -> int:
+    """Write the registration; tokens are read from the config, or created and saved in it."""
+    config = load_config(config_path)
+    if not config.appservice.enabled:
+        text = set_config_tokens(config_path.read_text(encoding="utf-8"), new_token(), new_token())
+        tmp = config_path.with_name(config_path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(config_path.stat().st_mode & 0o777)
+        tmp.replace(config_path)
+        config = load_config(config_path)
+        print(f"created appservice tokens and saved them in {config_path}")
+    write_registration(registration_path, build_registration(config.appservice))
+    print(
+        f"wrote {registration_path}: add it to Synapse's app_service_config_files and restart "
+        "Synapse"
+    )
+    return 0
 
 
 def _add_invites_parser(commands: Any) -> None:
@@ -205,10 +243,7 @@ async def open_server(config: Config) -> AsyncIterator[IdentityServer]:
     finally:
         connector_log.setLevel(level)
     try:
-        await server.db.start()
-        await server.db.migrate()
-        await server.keys.start()
-        await server.lookup.start()
+        await server.open()
         yield server
     finally:
         await server.stop()
@@ -435,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_example_config(path)
             print(f"wrote {path}")
             return 0
+        if args.command == "generate-registration":
+            return _generate_registration(path, Path(args.registration))
         if args.command == "run" and not path.exists():
             write_example_config(path)
             print(f"created {path} from the example config", file=sys.stderr)

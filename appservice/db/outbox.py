@@ -91,40 +91,81 @@ class OutboxStore:
         )
         return sorted((_entry(row) for row in rows), key=lambda e: (e.next_attempt_ts, e.id))
 
-    async def mark_delivered(self, entry_id: str, attempts: int, now_ms: int) -> None:
-        """The homeserver accepted it."""
-        await self._db.execute(
-            "UPDATE onbind_outbox SET state = $2, attempts = $3, delivered_ts = $4,"
-            " claimed_until = NULL, last_error = NULL WHERE id = $1",
+    async def renew_claim(self, entry_id: str, claimed_until: int, new_until: int) -> bool:
+        """Extend this worker's claim before an attempt; False if the claim was lost.
+
+        ``claimed_until`` is the value this worker's claim set: a worker can claim a row only
+        once its previous claim has run out, and then sets a later value, so the value
+        identifies the current claim.
+        """
+        row = await self._db.fetchrow(
+            "UPDATE onbind_outbox SET claimed_until = $3"
+            " WHERE id = $1 AND claimed_until = $2 AND state = $4 RETURNING id",
             entry_id,
-            DELIVERED,
-            attempts,
-            now_ms,
+            claimed_until,
+            new_until,
+            PENDING,
         )
+        return row is not None
+
+    def _guarded(self, query: str, claim: int | None, n: int) -> tuple[str, list[int]]:
+        """``query`` restricted to a pending entry, and to the claim ``claim`` when given
+        (as parameter ``$n``)."""
+        if claim is None:
+            return query, []
+        return f"{query} AND claimed_until = ${n}", [claim]
+
+    async def mark_delivered(
+        self, entry_id: str, attempts: int, now_ms: int, *, claim: int | None = None
+    ) -> bool:
+        """The homeserver accepted it. With ``claim`` (the worker's ``claimed_until``), only if
+        that claim still holds; False when nothing changed."""
+        query, extra = self._guarded(
+            "UPDATE onbind_outbox SET state = $2, attempts = $3, delivered_ts = $4,"
+            " claimed_until = NULL, last_error = NULL WHERE id = $1 AND state = $5",
+            claim,
+            6,
+        )
+        row = await self._db.fetchrow(
+            f"{query} RETURNING id", entry_id, DELIVERED, attempts, now_ms, PENDING, *extra
+        )
+        return row is not None
 
     async def mark_retry(
-        self, entry_id: str, attempts: int, next_attempt_ts: int, error: str
-    ) -> None:
-        """It failed for now; try again at ``next_attempt_ts``."""
-        await self._db.execute(
+        self,
+        entry_id: str,
+        attempts: int,
+        next_attempt_ts: int,
+        error: str,
+        *,
+        claim: int | None = None,
+    ) -> bool:
+        """It failed for now; try again at ``next_attempt_ts`` (see :meth:`mark_delivered`)."""
+        query, extra = self._guarded(
             "UPDATE onbind_outbox SET attempts = $2, next_attempt_ts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1",
-            entry_id,
-            attempts,
-            next_attempt_ts,
-            error,
+            " claimed_until = NULL WHERE id = $1 AND state = $5",
+            claim,
+            6,
         )
+        row = await self._db.fetchrow(
+            f"{query} RETURNING id", entry_id, attempts, next_attempt_ts, error, PENDING, *extra
+        )
+        return row is not None
 
-    async def mark_failed(self, entry_id: str, attempts: int, error: str) -> None:
-        """It will not be delivered (permanent refusal, or too old)."""
-        await self._db.execute(
+    async def mark_failed(
+        self, entry_id: str, attempts: int, error: str, *, claim: int | None = None
+    ) -> bool:
+        """It will not be delivered: permanent refusal, or too old (see :meth:`mark_delivered`)."""
+        query, extra = self._guarded(
             "UPDATE onbind_outbox SET state = $2, attempts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1",
-            entry_id,
-            FAILED,
-            attempts,
-            error,
+            " claimed_until = NULL WHERE id = $1 AND state = $5",
+            claim,
+            6,
         )
+        row = await self._db.fetchrow(
+            f"{query} RETURNING id", entry_id, FAILED, attempts, error, PENDING, *extra
+        )
+        return row is not None
 
     async def for_invite(self, invite_id: str) -> list[OutboxEntry]:
         """The notifications of one invite."""
@@ -135,10 +176,13 @@ class OutboxStore:
         return [_entry(row) for row in rows]
 
     async def requeue(self, invite_id: str, now_ms: int) -> int:
-        """Make the failed or pending notifications of an invite due now (a fresh give-up age)."""
+        """Make the failed or pending notifications of an invite due now (a fresh give-up age).
+
+        A claim in progress is kept: the worker holding it finishes its attempt and records it.
+        """
         rows = await self._db.fetch(
-            "UPDATE onbind_outbox SET state = $2, next_attempt_ts = $3, created_ts = $3,"
-            " claimed_until = NULL WHERE invite_id = $1 AND state <> $4 RETURNING id",
+            "UPDATE onbind_outbox SET state = $2, next_attempt_ts = $3, created_ts = $3"
+            " WHERE invite_id = $1 AND state <> $4 RETURNING id",
             invite_id,
             PENDING,
             now_ms,

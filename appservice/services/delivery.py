@@ -54,61 +54,98 @@ class OnbindDelivery:
             batch = await self._outbox.claim_due(self._clock.now_ms(), self._lease_ms, _BATCH)
             if not batch:
                 return delivered
-            results = await asyncio.gather(*(self._deliver_one(entry) for entry in batch))
-            delivered += sum(results)
+            results = await asyncio.gather(
+                *(self._deliver_one(entry) for entry in batch), return_exceptions=True
+            )
+            for entry, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result  # cancelled: stop here, the claims lapse
+                    # Its claim lapses and it is tried again then (database trouble, mostly).
+                    log.error(
+                        "onbind for invite %s: delivery attempt failed: %r",
+                        entry.invite_id,
+                        result,
+                    )
+                elif result:
+                    delivered += 1
             if len(batch) < _BATCH:
                 return delivered
 
     async def _deliver_one(self, entry: OutboxEntry) -> bool:
         attempts = entry.attempts + 1
         async with self._limit:
+            # The batch may have waited for the semaphore past the lease, and another instance
+            # may have taken the entry over: renew the claim, or leave the entry to that one.
+            claim = self._clock.now_ms() + self._lease_ms
+            assert entry.claimed_until is not None
+            if not await self._outbox.renew_claim(entry.id, entry.claimed_until, claim):
+                log.info("onbind for invite %s: claim lost, skipped", entry.invite_id)
+                return False
             try:
                 status, body = await self._federation.post_json(
                     entry.destination, ONBIND_PATH, json.loads(entry.body)
                 )
             except FederationError as e:
-                await self._retry_or_fail(entry, attempts, str(e))
+                await self._retry_or_fail(entry, claim, attempts, str(e))
+                return False
+            except Exception as e:  # never leave an entry claimed by an unexpected failure
+                log.exception("onbind for invite %s: unexpected failure", entry.invite_id)
+                await self._retry_or_fail(entry, claim, attempts, f"internal error: {e!r}")
                 return False
         if 200 <= status < 300:
-            await self._outbox.mark_delivered(entry.id, attempts, self._clock.now_ms())
-            log.info("onbind for invite %s delivered to %s", entry.invite_id, entry.destination)
+            if await self._outbox.mark_delivered(
+                entry.id, attempts, self._clock.now_ms(), claim=claim
+            ):
+                log.info("onbind for invite %s delivered to %s", entry.invite_id, entry.destination)
+            else:
+                log.warning(
+                    "onbind for invite %s delivered to %s after its claim was lost",
+                    entry.invite_id,
+                    entry.destination,
+                )
             return True
         reason = f"HTTP {status}{_matrix_error(body)}"
         if 400 <= status < 500 and status not in _RETRYABLE_4XX:
-            await self._outbox.mark_failed(entry.id, attempts, reason)
-            log.warning(
-                "onbind for invite %s refused by %s: %s", entry.invite_id, entry.destination, reason
-            )
+            if await self._outbox.mark_failed(entry.id, attempts, reason, claim=claim):
+                log.warning(
+                    "onbind for invite %s refused by %s: %s",
+                    entry.invite_id,
+                    entry.destination,
+                    reason,
+                )
             return False
-        await self._retry_or_fail(entry, attempts, reason)
+        await self._retry_or_fail(entry, claim, attempts, reason)
         return False
 
-    async def _retry_or_fail(self, entry: OutboxEntry, attempts: int, reason: str) -> None:
+    async def _retry_or_fail(
+        self, entry: OutboxEntry, claim: int, attempts: int, reason: str
+    ) -> None:
         now = self._clock.now_ms()
-        delay_ms = int(
-            min(self._config.retry_max, self._config.retry_initial * 2 ** (attempts - 1)) * 1000
-        )
+        # The exponent is capped: the delay is capped anyway, and 2 ** 1024 overflows a float.
+        backoff = self._config.retry_initial * 2 ** min(attempts - 1, 32)
+        delay_ms = int(min(self._config.retry_max, backoff) * 1000)
         if now + delay_ms - entry.created_ts > self._config.give_up_after * 1000:
-            await self._outbox.mark_failed(
-                entry.id, attempts, f"gave up after {attempts} attempts: {reason}"
-            )
-            log.warning(
-                "onbind for invite %s to %s failed for good after %d attempts: %s",
+            if await self._outbox.mark_failed(
+                entry.id, attempts, f"gave up after {attempts} attempts: {reason}", claim=claim
+            ):
+                log.warning(
+                    "onbind for invite %s to %s failed for good after %d attempts: %s",
+                    entry.invite_id,
+                    entry.destination,
+                    attempts,
+                    reason,
+                )
+            return
+        if await self._outbox.mark_retry(entry.id, attempts, now + delay_ms, reason, claim=claim):
+            log.info(
+                "onbind for invite %s to %s failed (attempt %d, retry in %ds): %s",
                 entry.invite_id,
                 entry.destination,
                 attempts,
+                delay_ms // 1000,
                 reason,
             )
-            return
-        await self._outbox.mark_retry(entry.id, attempts, now + delay_ms, reason)
-        log.info(
-            "onbind for invite %s to %s failed (attempt %d, retry in %ds): %s",
-            entry.invite_id,
-            entry.destination,
-            attempts,
-            delay_ms // 1000,
-            reason,
-        )
 
 
 def _matrix_error(body: Any) -> str:

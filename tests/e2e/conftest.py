@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from appservice.app import IdentityServer
 from appservice.config import load_config_text
+from appservice.matrix.registration import build_registration, new_token, write_registration
 from tests.support.settings import deep_merge
 from tests.support.smtp import SmtpSink
 from tests.support.synapse import SynapseServer, ensure_synapse_venv, free_port
@@ -25,13 +27,61 @@ def test_certificates(tmp_path_factory: pytest.TempPathFactory) -> TestCertifica
     return make_test_certificates(tmp_path_factory.mktemp("certs"))
 
 
+@dataclass(frozen=True)
+class AppserviceSetup:
+    """What our appservice and Synapse share: tokens, our private port, the registration."""
+
+    as_token: str
+    hs_token: str
+    port: int
+    registration: Path
+
+    def settings(self, synapse: SynapseServer) -> dict[str, Any]:
+        """The identity server's ``appservice:`` config for this Synapse."""
+        return {
+            "as_token": self.as_token,
+            "hs_token": self.hs_token,
+            "homeserver_url": synapse.client_url,
+            "homeserver_domain": synapse.server_name,
+            "url": f"http://127.0.0.1:{self.port}",
+            "listen": {"host": "127.0.0.1", "port": self.port},
+        }
+
+    def write(self, synapse: SynapseServer) -> None:
+        """Write the registration (our generator) for this Synapse's domain."""
+        config = load_config_text(
+            yaml.safe_dump({"appservice": self.settings(synapse)}), self.registration.parent, {}
+        )
+        write_registration(self.registration, build_registration(config.appservice))
+
+
+@pytest.fixture(scope="session")
+def appservice_setup(tmp_path_factory: pytest.TempPathFactory) -> AppserviceSetup:
+    """Tokens and a port for our appservice, fixed for the session (Synapse loads them once)."""
+    return AppserviceSetup(
+        as_token=new_token(),
+        hs_token=new_token(),
+        port=free_port(),
+        registration=tmp_path_factory.mktemp("appservice") / "registration.yaml",
+    )
+
+
 @pytest.fixture(scope="session")
 def synapse(
-    tmp_path_factory: pytest.TempPathFactory, test_certificates: TestCertificates
+    tmp_path_factory: pytest.TempPathFactory,
+    test_certificates: TestCertificates,
+    appservice_setup: AppserviceSetup,
 ) -> Iterator[SynapseServer]:
-    """One real Synapse for the whole test session; fails loudly if it cannot run."""
+    """One real Synapse for the whole test session, loading our appservice registration
+    (written by our own generator); fails loudly if it cannot run."""
     venv = ensure_synapse_venv()
-    server = SynapseServer(tmp_path_factory.mktemp("synapse"), test_certificates, venv=venv)
+    server = SynapseServer(
+        tmp_path_factory.mktemp("synapse"),
+        test_certificates,
+        venv=venv,
+        app_service_config_files=[appservice_setup.registration],
+        before_start=appservice_setup.write,
+    )
     server.start()
     try:
         yield server
@@ -49,6 +99,14 @@ class RunningIdentityServer:
         self.name = f"localhost:{port}"
         self.base_url = f"https://localhost:{port}"
         self._ssl = ssl.create_default_context(cafile=str(ca_file))
+
+    async def restart(self) -> None:
+        """Stop this instance and start a new process-like instance on the same config."""
+        config = self.server.config
+        await self.server.stop()
+        self.server = IdentityServer(config)
+        await self.server.start()
+        await self.server.serve()
 
     async def request(
         self, method: str, path: str, *, token: str | None = None, json: Any = None
@@ -75,6 +133,7 @@ async def identity_server(
     synapse: SynapseServer,
     test_certificates: TestCertificates,
     identity_settings: dict[str, Any],
+    appservice_setup: AppserviceSetup,
 ) -> AsyncIterator[RunningIdentityServer]:
     """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
     port = free_port()
@@ -95,14 +154,15 @@ async def identity_server(
             "notifications": {
                 "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
             },
-            "appservice": {"homeserver_domain": synapse.server_name},
+            "appservice": appservice_setup.settings(synapse),
         }
         settings = deep_merge(settings, identity_settings)
         config = load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
         server = IdentityServer(config)
         await server.start()
         await server.serve()
+        running = RunningIdentityServer(server, port, smtp, test_certificates.ca_cert)
         try:
-            yield RunningIdentityServer(server, port, smtp, test_certificates.ca_cert)
+            yield running
         finally:
-            await server.stop()
+            await running.server.stop()

@@ -156,12 +156,29 @@ async def test_invite_is_delivered_when_the_invitee_binds(
     assert body == {"valid": False}
 
 
+async def membership_history(
+    synapse: SynapseServer, hs_token: str, room_id: str, user_id: str
+) -> list[dict[str, Any]]:
+    """The ``m.room.member`` events of ``user_id`` in the room, oldest first."""
+    status, body = await synapse.client_request(
+        "GET",
+        f"/_matrix/client/v3/rooms/{quote(room_id)}/messages?dir=b&limit=100",
+        hs_token,
+    )
+    assert status == 200, body
+    events = [
+        e for e in body["chunk"]
+        if e["type"] == "m.room.member" and e.get("state_key") == user_id
+    ]  # fmt: skip
+    return list(reversed(events))
+
+
 class TestExpiry:
     @pytest.fixture
     def identity_settings(self) -> dict[str, Any]:
         return {"invites": {"expiration": {"after": "2s", "check_interval": "500ms"}}}
 
-    async def test_unanswered_invite_is_resolved_to_the_expired_user(
+    async def test_unanswered_invite_is_resolved_to_the_expired_user_and_withdrawn(
         self, synapse: SynapseServer, identity_server: RunningIdentityServer
     ) -> None:
         ids = identity_server
@@ -170,5 +187,15 @@ class TestExpiry:
             synapse, ids, alice_hs, alice_is, "nobody@example.org"
         )
         expired_user = f"@_identity_invite_expired:{synapse.server_name}"
-        event = await wait_for_member(synapse, alice_hs, room_id, expired_user, "invite")
-        assert event["content"]["third_party_invite"]["signed"]["mxid"] == expired_user
+        # The homeserver turns the third-party invite into an invite of the expired user...
+        left = await wait_for_member(synapse, alice_hs, room_id, expired_user, "leave")
+        history = await membership_history(synapse, alice_hs, room_id, expired_user)
+        assert [e["content"]["membership"] for e in history] == ["invite", "leave"]
+        invite = history[0]
+        assert invite["content"]["third_party_invite"]["signed"]["mxid"] == expired_user
+        # ...which our appservice rejects, with a reason the room's members can read.
+        assert left["sender"] == expired_user
+        reason = left["content"]["reason"]
+        assert "n…@e…" in reason and "@alice_exp:" in reason and "2 seconds" in reason
+        assert "withdrawn" in reason
+        assert "nobody@example.org" not in reason

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -226,6 +226,7 @@ class SynapseServer:
         app_service_config_files: Sequence[Path | str] = (),
         extra_config: Mapping[str, Any] | None = None,
         startup_timeout: float = 60.0,
+        before_start: Callable[[SynapseServer], None] | None = None,
     ) -> None:
         """Prepare (but do not start) a Synapse in ``workdir``.
 
@@ -238,11 +239,14 @@ class SynapseServer:
             extra_config: merged into the generated ``homeserver.yaml`` last (nested
                 mappings are merged key by key, any other value replaces the default).
             startup_timeout: seconds :meth:`start` waits for both listeners to answer.
+            before_start: called before each start attempt, once the ports (and so the server
+                name) are final for that attempt, e.g. to write a registration for the domain.
         """
         self._workdir = workdir.resolve()
         self._certificates = certificates
         self._venv = venv
         self._app_service_config_files = [str(Path(p).resolve()) for p in app_service_config_files]
+        self._before_start = before_start
         self._extra_config: dict[str, Any] = copy.deepcopy(dict(extra_config or {}))
         self._startup_timeout = startup_timeout
         self._registration_shared_secret = secrets.token_urlsafe(32)
@@ -454,6 +458,8 @@ class SynapseServer:
                 raise
 
     def _start_once(self, venv: Path) -> None:
+        if self._before_start is not None:
+            self._before_start(self)
         self._write_config()
         self.stdout_path.unlink(missing_ok=True)
         self._stdout_file = self.stdout_path.open("wb")

@@ -1,0 +1,93 @@
+"""The appservice registration file for the homeserver, written from the config.
+
+The users namespace is exclusive and matches exactly the bot and the inviteExpired user on the
+homeserver's domain (every regex character escaped), so nobody else can register those IDs and
+the appservice claims no one else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from appservice.config import AppserviceConfig
+
+_TOP_LEVEL_KEY = re.compile(r"^[A-Za-z_][\w-]*\s*:")
+
+
+def users_regex(config: AppserviceConfig) -> str:
+    """An anchored regex matching exactly the appservice's users."""
+    localparts = "|".join(
+        re.escape(lp) for lp in (config.bot_localpart, config.expired_user_localpart)
+    )
+    return f"^@({localparts}):{re.escape(config.homeserver_domain)}$"
+
+
+def build_registration(config: AppserviceConfig) -> dict[str, Any]:
+    """The registration document (as the homeserver reads it)."""
+    return {
+        "id": config.id,
+        "url": config.url,
+        "as_token": config.as_token,
+        "hs_token": config.hs_token,
+        "sender_localpart": config.bot_localpart,
+        "namespaces": {
+            "users": [{"exclusive": True, "regex": users_regex(config)}],
+            "aliases": [],
+            "rooms": [],
+        },
+        "rate_limited": False,
+    }
+
+
+def write_registration(path: Path, registration: dict[str, Any]) -> None:
+    """Write the registration YAML, readable only by its owner (it holds both tokens)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (
+        "# Application service registration for the homeserver, written by\n"
+        "# `python -m appservice generate-registration`. Synapse: list this file in\n"
+        "# app_service_config_files. It holds secrets: keep it private.\n"
+    ) + yaml.safe_dump(registration, sort_keys=False, allow_unicode=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def new_token() -> str:
+    """A fresh appservice token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def set_config_tokens(config_text: str, as_token: str, hs_token: str) -> str:
+    """The config text with ``appservice.as_token``/``hs_token`` set, comments kept.
+
+    Existing ``as_token:``/``hs_token:`` lines of the top-level ``appservice:`` section are
+    replaced; missing ones are added at the start of the section (created at the end if absent).
+    """
+    lines = config_text.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if re.match(r"^appservice\s*:\s*$", line)), None
+    )
+    values = {"as_token": as_token, "hs_token": hs_token}
+    if start is None:
+        block = ["appservice:"] + [f'  {key}: "{value}"' for key, value in values.items()]
+        return "\n".join([*lines, "", *block]) + "\n"
+    end = next(
+        (i for i in range(start + 1, len(lines)) if _TOP_LEVEL_KEY.match(lines[i])), len(lines)
+    )
+    indent = "  "
+    for i in range(start + 1, end):
+        match = re.match(r"^(\s+)(as_token|hs_token)\s*:", lines[i])
+        if match:
+            indent = match.group(1)
+            lines[i] = f'{indent}{match.group(2)}: "{values.pop(match.group(2))}"'
+    missing = [f'{indent}{key}: "{value}"' for key, value in values.items()]
+    lines[start + 1 : start + 1] = missing
+    return "\n".join(lines) + "\n"

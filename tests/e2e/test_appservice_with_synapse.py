@@ -1,0 +1,125 @@
+"""The appservice with a real Synapse that loads our generated registration."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import RunningIdentityServer
+from tests.e2e.test_invites_with_synapse import (
+    create_room_and_invite,
+    membership_history,
+    register_everywhere,
+    wait_for_member,
+)
+from tests.support.synapse import SynapseServer
+
+pytestmark = pytest.mark.e2e
+
+
+async def wait_until(predicate: Any, what: str, within: float = 20.0) -> None:
+    """Poll ``await predicate()`` every 0.1 s until true (bounded)."""
+    for _ in range(int(within * 10)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_users_are_registered_and_the_ping_round_trip_shows_in_health(
+    synapse: SynapseServer, identity_server: RunningIdentityServer
+) -> None:
+    async def pinged() -> bool:
+        _, body = await identity_server.request("GET", "/health")
+        return bool(body["appservice"].get("ping") == "ok")
+
+    await wait_until(pinged, "the appservice ping")
+    _, body = await identity_server.request("GET", "/health")
+    assert body["appservice"]["enabled"] is True
+    assert isinstance(body["appservice"]["duration_ms"], int)
+    # Synapse knows the inviteExpired user now (registered through the appservice API).
+    expired_user = f"@_identity_invite_expired:{synapse.server_name}"
+    status, profile = await synapse.client_request(
+        "GET", f"/_matrix/client/v3/profile/{expired_user}", None
+    )
+    assert status == 200, profile
+
+
+class TestRejection:
+    @pytest.fixture
+    def identity_settings(self) -> dict[str, Any]:
+        return {"invites": {"expiration": {"after": "2s", "check_interval": "500ms"}}}
+
+    async def test_alice_sees_the_expired_invite_withdrawn_with_a_reason(
+        self, synapse: SynapseServer, identity_server: RunningIdentityServer
+    ) -> None:
+        ids = identity_server
+        _, alice_hs, alice_is = await register_everywhere(synapse, ids, "alice_as")
+        room_id = await create_room_and_invite(synapse, ids, alice_hs, alice_is, "zoe@example.org")
+        expired_user = f"@_identity_invite_expired:{synapse.server_name}"
+        await wait_for_member(synapse, alice_hs, room_id, expired_user, "leave")
+
+        status, sync = await synapse.client_request("GET", "/_matrix/client/v3/sync", alice_hs)
+        assert status == 200, sync
+        timeline = sync["rooms"]["join"][room_id]["timeline"]["events"]
+        leaves = [
+            e for e in timeline
+            if e["type"] == "m.room.member" and e["state_key"] == expired_user
+            and e["content"]["membership"] == "leave"
+        ]  # fmt: skip
+        assert len(leaves) == 1
+        assert leaves[0]["content"]["reason"].startswith(
+            "The invitation sent to z…@e… by @alice_as:"
+        )
+
+    async def test_a_transaction_retried_after_a_restart_is_processed_once(
+        self, synapse: SynapseServer, identity_server: RunningIdentityServer
+    ) -> None:
+        ids = identity_server
+        handler = ids.server.expired_invites.handle_transaction
+        calls: list[str] = []
+
+        async def record_then_crash(txn_id: str, events: list[dict[str, Any]]) -> None:
+            # Everything is recorded, but the process "dies" before acknowledging.
+            calls.append(txn_id)
+            await handler(txn_id, events)
+            raise RuntimeError("simulated crash before the 200")
+
+        ids.server.expired_invites.handle_transaction = record_then_crash  # type: ignore[method-assign]
+        assert ids.server.matrix is not None
+        ids.server.matrix._on_transaction = record_then_crash
+
+        _, alice_hs, alice_is = await register_everywhere(synapse, ids, "alice_rs")
+        room_id = await create_room_and_invite(synapse, ids, alice_hs, alice_is, "yan@example.org")
+
+        async def crashed_once() -> bool:
+            return bool(calls)
+
+        await wait_until(crashed_once, "the first transaction")
+        await ids.restart()  # a fresh process: nothing in memory, only the database
+        assert ids.server.matrix is not None
+        new_handler = ids.server.matrix._on_transaction
+        seen_after_restart: list[str] = []
+
+        async def recording(txn_id: str, events: list[dict[str, Any]]) -> None:
+            seen_after_restart.append(txn_id)
+            await new_handler(txn_id, events)
+
+        ids.server.matrix._on_transaction = recording
+
+        async def retried() -> bool:
+            return calls[0] in seen_after_restart
+
+        # Synapse keeps retrying the unacknowledged transaction (backing off) until it gets 200.
+        await wait_until(retried, "Synapse's retry of the transaction", within=40)
+        expired_user = f"@_identity_invite_expired:{synapse.server_name}"
+        await wait_for_member(synapse, alice_hs, room_id, expired_user, "leave")
+        # The new process acknowledged it without doing anything twice.
+        actions = await ids.server.db.fetch(
+            "SELECT kind, state FROM appservice_actions WHERE room_id = $1", room_id
+        )
+        assert [(a["kind"], a["state"]) for a in actions] == [("reject", "done")]
+        history = await membership_history(synapse, alice_hs, room_id, expired_user)
+        assert [e["content"]["membership"] for e in history] == ["invite", "leave"]
