@@ -19,6 +19,7 @@ class PeriodicJob:
         self._work = work
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         """Start the loop in the running event loop."""
@@ -33,22 +34,33 @@ class PeriodicJob:
         """Do the work once (for tests and commands)."""
         return await self._work()
 
-    async def stop(self) -> None:
-        """Stop the loop and wait for it."""
-        if self._task is not None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the loop: a run in progress may finish (within ``grace_s``), then it is cancelled.
+
+        Letting the current run finish matters: work claimed with a lease (outbox rows, room
+        actions) would otherwise stay claimed until the lease ends.
+        """
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+        except TimeoutError:
+            log.warning("background job %s did not finish in %.0fs; cancelling", self.name, grace_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self._task = None
+        self._task = None
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._work()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # a failed run must not end the job; it is retried next interval
                 log.exception("background job %s failed", self.name)
+            if self._stopping:
+                return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)

@@ -116,10 +116,17 @@ class TestRejection:
         await wait_until(retried, "Synapse's retry of the transaction", within=40)
         expired_user = f"@_identity_invite_expired:{synapse.server_name}"
         await wait_for_member(synapse, alice_hs, room_id, expired_user, "leave")
+
         # The new process acknowledged it without doing anything twice.
-        actions = await ids.server.db.fetch(
-            "SELECT kind, state FROM appservice_actions WHERE room_id = $1", room_id
-        )
-        assert [(a["kind"], a["state"]) for a in actions] == [("reject", "done")]
+        async def actions() -> list[tuple[str, str]]:
+            rows = await ids.server.db.fetch(
+                "SELECT kind, state FROM appservice_actions WHERE room_id = $1", room_id
+            )
+            return [(row["kind"], row["state"]) for row in rows]
+
+        async def done() -> bool:
+            return await actions() == [("reject", "done")]
+
+        await wait_until(done, "the rejection to be recorded as done")
         history = await membership_history(synapse, alice_hs, room_id, expired_user)
         assert [e["content"]["membership"] for e in history] == ["invite", "leave"]
