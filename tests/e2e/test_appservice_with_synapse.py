@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import RunningIdentityServer
-from tests.e2e.test_invites_with_synapse import (
+from tests.e2e.flows import (
     create_room_and_invite,
     membership_history,
     register_everywhere,
     wait_for_member,
+    wait_until,
 )
 from tests.support.synapse import SynapseServer
 
 pytestmark = pytest.mark.e2e
-
-
-async def wait_until(predicate: Any, what: str, within: float = 20.0) -> None:
-    """Poll ``await predicate()`` every 0.1 s until true (bounded)."""
-    for _ in range(int(within * 10)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_users_are_registered_and_the_ping_round_trip_shows_in_health(
