@@ -82,9 +82,13 @@ class InviteStore:
             invite.resolved_ts,
         )
 
-    async def delete(self, invite_id: str) -> None:
-        """Remove an invite that was never announced (its email could not be sent)."""
-        await self._db.execute("DELETE FROM invites WHERE id = $1", invite_id)
+    async def delete_pending(self, invite_id: str) -> bool:
+        """Remove a still pending invite (its email could not be sent); False when it was
+        resolved meanwhile (then it has an onbind queued and must stay)."""
+        row = await self._db.fetchrow(
+            "DELETE FROM invites WHERE id = $1 AND state = $2 RETURNING id", invite_id, PENDING
+        )
+        return row is not None
 
     async def by_id(self, invite_id: str) -> Invite | None:
         """An invite by id."""

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from appservice.db.database import AppDatabase
+from appservice.db.work_queue import FAILED, PENDING, LeasedQueue
 
-PENDING = "pending"
 DELIVERED = "delivered"
-FAILED = "failed"
+__all__ = ["DELIVERED", "FAILED", "PENDING", "OutboxEntry", "OutboxStore"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class OutboxStore:
 
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
+        self._queue = LeasedQueue(db, "onbind_outbox", _COLUMNS, DELIVERED, "delivered_ts")
 
     async def enqueue(
         self, entry_id: str, invite_id: str, destination: str, body: str, now_ms: int
@@ -73,63 +74,19 @@ class OutboxStore:
         )
 
     async def claim_due(self, now_ms: int, lease_ms: int, limit: int) -> list[OutboxEntry]:
-        """Claim up to ``limit`` due entries for this worker until ``now + lease``.
-
-        On PostgreSQL rows locked by another worker's claim are skipped (no double delivery);
-        SQLite serialises writers, so the same statement is safe there too.
-        """
-        lock = " FOR UPDATE SKIP LOCKED" if self._db.is_postgres else ""
-        rows = await self._db.fetch(
-            f"UPDATE onbind_outbox SET claimed_until = $2 WHERE id IN ("
-            f" SELECT id FROM onbind_outbox WHERE state = $3 AND next_attempt_ts <= $1"
-            f" AND (claimed_until IS NULL OR claimed_until <= $1)"
-            f" ORDER BY next_attempt_ts, id LIMIT $4{lock}) RETURNING {_COLUMNS}",
-            now_ms,
-            now_ms + lease_ms,
-            PENDING,
-            limit,
-        )
+        """Claim up to ``limit`` due entries for this worker until ``now + lease``."""
+        rows = await self._queue.claim_due(now_ms, lease_ms, limit)
         return sorted((_entry(row) for row in rows), key=lambda e: (e.next_attempt_ts, e.id))
 
     async def renew_claim(self, entry_id: str, claimed_until: int, new_until: int) -> bool:
-        """Extend this worker's claim before an attempt; False if the claim was lost.
-
-        ``claimed_until`` is the value this worker's claim set: a worker can claim a row only
-        once its previous claim has run out, and then sets a later value, so the value
-        identifies the current claim.
-        """
-        row = await self._db.fetchrow(
-            "UPDATE onbind_outbox SET claimed_until = $3"
-            " WHERE id = $1 AND claimed_until = $2 AND state = $4 RETURNING id",
-            entry_id,
-            claimed_until,
-            new_until,
-            PENDING,
-        )
-        return row is not None
-
-    def _guarded(self, query: str, claim: int | None, n: int) -> tuple[str, list[int]]:
-        """``query`` restricted to a pending entry, and to the claim ``claim`` when given
-        (as parameter ``$n``)."""
-        if claim is None:
-            return query, []
-        return f"{query} AND claimed_until = ${n}", [claim]
+        """Extend this worker's claim before an attempt; False if the claim was lost."""
+        return await self._queue.renew_claim(entry_id, claimed_until, new_until)
 
     async def mark_delivered(
         self, entry_id: str, attempts: int, now_ms: int, *, claim: int | None = None
     ) -> bool:
-        """The homeserver accepted it. With ``claim`` (the worker's ``claimed_until``), only if
-        that claim still holds; False when nothing changed."""
-        query, extra = self._guarded(
-            "UPDATE onbind_outbox SET state = $2, attempts = $3, delivered_ts = $4,"
-            " claimed_until = NULL, last_error = NULL WHERE id = $1 AND state = $5",
-            claim,
-            6,
-        )
-        row = await self._db.fetchrow(
-            f"{query} RETURNING id", entry_id, DELIVERED, attempts, now_ms, PENDING, *extra
-        )
-        return row is not None
+        """The homeserver accepted it (under ``claim``, the worker's ``claimed_until``)."""
+        return await self._queue.finish(entry_id, attempts, now_ms, claim=claim)
 
     async def mark_retry(
         self,
@@ -140,32 +97,14 @@ class OutboxStore:
         *,
         claim: int | None = None,
     ) -> bool:
-        """It failed for now; try again at ``next_attempt_ts`` (see :meth:`mark_delivered`)."""
-        query, extra = self._guarded(
-            "UPDATE onbind_outbox SET attempts = $2, next_attempt_ts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1 AND state = $5",
-            claim,
-            6,
-        )
-        row = await self._db.fetchrow(
-            f"{query} RETURNING id", entry_id, attempts, next_attempt_ts, error, PENDING, *extra
-        )
-        return row is not None
+        """It failed for now; try again at ``next_attempt_ts``."""
+        return await self._queue.retry(entry_id, attempts, next_attempt_ts, error, claim=claim)
 
     async def mark_failed(
         self, entry_id: str, attempts: int, error: str, *, claim: int | None = None
     ) -> bool:
-        """It will not be delivered: permanent refusal, or too old (see :meth:`mark_delivered`)."""
-        query, extra = self._guarded(
-            "UPDATE onbind_outbox SET state = $2, attempts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1 AND state = $5",
-            claim,
-            6,
-        )
-        row = await self._db.fetchrow(
-            f"{query} RETURNING id", entry_id, FAILED, attempts, error, PENDING, *extra
-        )
-        return row is not None
+        """It will not be delivered: permanent refusal, or too old."""
+        return await self._queue.fail(entry_id, attempts, error, claim=claim)
 
     async def for_invite(self, invite_id: str) -> list[OutboxEntry]:
         """The notifications of one invite."""

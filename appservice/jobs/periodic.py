@@ -24,6 +24,7 @@ class PeriodicJob:
     def start(self) -> None:
         """Start the loop in the running event loop."""
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._loop(), name=f"job:{self.name}")
 
     def wake(self) -> None:
@@ -55,12 +56,13 @@ class PeriodicJob:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            # Cleared before the run, so a wake() during the run triggers the next one at once.
+            self._wake.clear()
             try:
                 await self._work()
             except Exception:  # a failed run must not end the job; it is retried next interval
                 log.exception("background job %s failed", self.name)
             if self._stopping:
                 return
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from mautrix.errors import MatrixConnectionError, MatrixRequestError
+from mautrix.errors import IntentError, MatrixConnectionError, MatrixRequestError
 from mautrix.types import RoomID, UserID
 
 from appservice.clock import Clock
@@ -59,9 +59,7 @@ class RoomActionWorker:
         try:
             await intent.ensure_registered()
             if action.kind == REJECT and self._post_notice:
-                await intent.join_room_by_id(room_id)
-                await intent.send_notice(room_id, action.reason)
-                await intent.leave_room(room_id)
+                await self._notice_and_leave(intent, room_id, action.reason)
             elif action.kind in (REJECT, LEAVE):
                 await intent.leave_room(room_id, reason=action.reason or None)
             else:
@@ -78,9 +76,28 @@ class RoomActionWorker:
         except (MatrixConnectionError, OSError, TimeoutError) as e:
             await self._retry_or_fail(action, attempts, f"{type(e).__name__}: {e}")
             return 0
+        except Exception as e:  # a malformed answer, or a bug: retried, never stuck
+            log.exception("%s in %s failed unexpectedly", action.kind, room_id)
+            await self._retry_or_fail(action, attempts, f"{type(e).__name__}: {e}")
+            return 0
         await self._store.mark_done(action.id, attempts, self._clock.now_ms())
         log.info("%s done in %s as %s", action.kind, room_id, UserID(action.user_id))
         return 1
+
+    async def _notice_and_leave(self, intent: Any, room_id: RoomID, reason: str) -> None:
+        """Join, post the reason as m.notice, leave. When posting is refused for good (no
+        permission), leave with the reason instead: the user must not stay in the room."""
+        await intent.join_room_by_id(room_id)
+        try:
+            await intent.send_notice(room_id, reason)
+        except (MatrixRequestError, IntentError) as e:
+            status = getattr(e, "http_status", 403)
+            if not 400 <= status < 500 or status == 429:
+                raise  # retried: join (again), post, leave
+            log.info("may not post in %s (%s): leaving with the reason instead", room_id, e)
+            await intent.leave_room(room_id, reason=reason or None)
+            return
+        await intent.leave_room(room_id)
 
     async def _retry_or_fail(self, action: RoomAction, attempts: int, reason: str) -> None:
         now = self._clock.now_ms()

@@ -15,11 +15,18 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
-from mautrix.appservice import AppService
+from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
 
-from appservice.api.http import Handler, json_body, json_response, matrix_middleware
+from appservice.api.http import (
+    Handler,
+    RedactingAccessLogger,
+    json_body,
+    json_response,
+    matrix_middleware,
+)
 from appservice.config import AppserviceConfig
 from appservice.errors import MatrixError, bad_json
 
@@ -57,6 +64,30 @@ class IdentityAppService(AppService):
         self._on_transaction = on_transaction
         self.app.middlewares.append(matrix_middleware)
         self.app.middlewares.append(self._auth_middleware)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8091) -> None:
+        """mautrix's ``start``, but the access log redacts ``?access_token=`` (the hs_token, when
+        the homeserver uses legacy query authentication)."""
+        await self.state_store.open()
+        self._http_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connection_limit),
+            headers={"User-Agent": self.default_ua},
+        )
+        self._intent = AppServiceAPI(
+            base_url=self.server,
+            bot_mxid=self.bot_mxid,
+            log=self.log,
+            token=self.as_token,
+            state_store=self.state_store,
+            bridge_name=self.bridge_name,
+            client_session=self._http_session,
+            default_retry_count=self.default_http_retry_count,
+        ).bot_intent()
+        self.runner = web.AppRunner(
+            self.app, access_log_class=RedactingAccessLogger, handle_signals=False
+        )
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
 
     def _token_problem(self, request: web.Request) -> MatrixError | None:
         """Why a request is not from our homeserver, or None when it is."""

@@ -15,9 +15,16 @@ from typing import Any
 
 import yaml
 
-from appservice.config import AppserviceConfig
+from appservice.config import AppserviceConfig, ConfigError
 
 _TOP_LEVEL_KEY = re.compile(r"^[A-Za-z_][\w-]*\s*:")
+# The block form of the section (``appservice:``, maybe with a comment), which can be edited.
+_SECTION = re.compile(r"^appservice\s*:\s*(#.*)?$")
+# ``as_token: <value>  # comment`` inside it.
+_TOKEN_LINE = re.compile(
+    r"^(?P<indent>\s+)(?P<key>as_token|hs_token)\s*:\s*"
+    r"(?:\"[^\"]*\"|'[^']*'|[^\s#]*)\s*(?P<comment>#.*)?$"
+)
 
 
 def users_regex(config: AppserviceConfig) -> str:
@@ -55,6 +62,8 @@ def write_registration(path: Path, registration: dict[str, Any]) -> None:
     ) + yaml.safe_dump(registration, sort_keys=False, allow_unicode=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A temporary file left by an earlier crash keeps its mode through O_CREAT: set it.
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -70,24 +79,32 @@ def set_config_tokens(config_text: str, as_token: str, hs_token: str) -> str:
 
     Existing ``as_token:``/``hs_token:`` lines of the top-level ``appservice:`` section are
     replaced; missing ones are added at the start of the section (created at the end if absent).
+    A section written another way (a flow mapping ``appservice: {...}``) is refused rather than
+    duplicated, which would silently drop its settings.
     """
     lines = config_text.splitlines()
-    start = next(
-        (i for i, line in enumerate(lines) if re.match(r"^appservice\s*:\s*$", line)), None
-    )
+    start = next((i for i, line in enumerate(lines) if _SECTION.match(line)), None)
     values = {"as_token": as_token, "hs_token": hs_token}
     if start is None:
+        if any(re.match(r"^appservice\s*:", line) for line in lines):
+            raise ConfigError(
+                "appservice: cannot add the tokens to this section; write it as a block "
+                "(appservice: on its own line) or set as_token and hs_token yourself"
+            )
         block = ["appservice:"] + [f'  {key}: "{value}"' for key, value in values.items()]
         return "\n".join([*lines, "", *block]) + "\n"
     end = next(
         (i for i in range(start + 1, len(lines)) if _TOP_LEVEL_KEY.match(lines[i])), len(lines)
     )
-    indent = "  "
+    # The section's keys are indented like its first one (nested keys are left alone).
+    keys = [line for line in lines[start + 1 : end] if line.strip() and line.lstrip()[0] != "#"]
+    indent = keys[0][: len(keys[0]) - len(keys[0].lstrip())] if keys else "  "
     for i in range(start + 1, end):
-        match = re.match(r"^(\s+)(as_token|hs_token)\s*:", lines[i])
-        if match:
-            indent = match.group(1)
-            lines[i] = f'{indent}{match.group(2)}: "{values.pop(match.group(2))}"'
+        match = _TOKEN_LINE.match(lines[i])
+        if match and match.group("indent") == indent and match.group("key") in values:
+            key = match.group("key")
+            comment = f"  {match.group('comment')}" if match.group("comment") else ""
+            lines[i] = f'{indent}{key}: "{values.pop(key)}"{comment}'
     missing = [f'{indent}{key}: "{value}"' for key, value in values.items()]
     lines[start + 1 : start + 1] = missing
     return "\n".join(lines) + "\n"

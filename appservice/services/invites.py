@@ -150,10 +150,13 @@ class InviteService:
         try:
             await self._email.send_email(self._invite_email(invite))
         except NotificationError as e:
-            await self._invites.delete(invite.id)  # nothing half-written
-            raise MatrixError(
-                400, "M_EMAIL_SEND_ERROR", f"Failed to send the invitation email: {e}"
-            ) from e
+            if await self._invites.delete_pending(invite.id):  # nothing half-written
+                raise MatrixError(
+                    400, "M_EMAIL_SEND_ERROR", f"Failed to send the invitation email: {e}"
+                ) from e
+            # The address was bound while the mail was being sent: the invite is on its way to
+            # the invitee's homeserver already, so the invitation stands without the email.
+            log.warning("invite %s: email failed, but the address was bound meanwhile", invite.id)
         log.info("stored invite %s to room %s by %s", invite.id, invite.room_id, invite.sender)
         server_key = self._keyring.current.public_key
         base = f"{self._public_base_url}/_matrix/identity/v2/pubkey"

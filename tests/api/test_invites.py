@@ -103,9 +103,15 @@ async def key_is_valid(api: Api, validity_url: str, public_key: str) -> bool:
     return valid
 
 
+@pytest.fixture
+def running_jobs() -> None:
+    """Asked for by tests that keep the server's background jobs running."""
+
+
 @pytest.fixture(autouse=True)
-async def _quiet_jobs(api: Api) -> AsyncIterator[None]:
-    await stop_background_jobs(api)
+async def _quiet_jobs(api: Api, request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    if "running_jobs" not in request.fixturenames:
+        await stop_background_jobs(api)
     yield
 
 
@@ -173,6 +179,31 @@ async def test_store_invite_mails_the_invitee_with_room_and_sender(api: Api) -> 
     assert "The Secret Garden" in subject + text
     assert "Alice Liddell" in text and sender in text
     assert "space" in text
+
+
+async def test_store_invite_email_escapes_room_fields_in_html(api: Api) -> None:
+    sender, token = await api.register("alice")
+    status, _ = await store_invite(
+        api, token, sender, room_name="<b>Party</b>", sender_display_name="<script>x</script>"
+    )
+    assert status == 200
+    [mail] = await api.smtp.wait_for(1)
+    html = mail.message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "<script>" not in html and "<b>Party</b>" not in html
+    assert "&lt;b&gt;Party&lt;/b&gt;" in html
+
+
+class TestJoinUrl:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "invites: {join_url: 'https://app.example/#/room/{room_id}'}"
+
+    async def test_invite_email_links_to_the_room(self, api: Api) -> None:
+        sender, token = await api.register("alice")
+        assert (await store_invite(api, token, sender))[0] == 200
+        [mail] = await api.smtp.wait_for(1)
+        text = mail.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert "https://app.example/#/room/%21garden%3Ahs.test" in text
 
 
 async def test_store_invite_accepts_synapse_style_empty_optional_fields(api: Api) -> None:
@@ -302,6 +333,28 @@ class TestSenderRateLimit:
         assert (await store_invite(api, carol_token, carol, "b2@example.com"))[0] == 200
         clock.advance(3600)
         assert (await store_invite(api, alice_token, alice, "b3@example.com"))[0] == 200
+
+
+class TestTermsNotAccepted:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return (
+            "terms: {policies: {terms_of_service: {version: '1',"
+            " languages: {en: {name: Terms, url: 'https://id.test/terms.html'}}}}}"
+        )
+
+    async def test_store_invite_and_sign_need_accepted_terms(self, api: Api) -> None:
+        sender, token = await api.register("alice")
+        status, body = await store_invite(api, token, sender)
+        assert (status, body["errcode"]) == (403, "M_TERMS_NOT_SIGNED")
+        status, body = await api.request(
+            "POST",
+            SIGN_ED25519,
+            token=token,
+            json={"mxid": "@bob:hs.test", "token": "t", "private_key": "k"},
+        )
+        assert (status, body["errcode"]) == (403, "M_TERMS_NOT_SIGNED")
+        assert api.smtp.mails == []
 
 
 # sign-ed25519
@@ -490,10 +543,8 @@ class TestDeliveryWorker:
         # A poll interval no test waits for: only the wake-up after the bind can deliver.
         return "invites: {delivery: {poll_interval: 1h}}"
 
-    async def test_bind_wakes_the_delivery_worker(self, api: Api) -> None:
+    async def test_bind_wakes_the_delivery_worker(self, api: Api, running_jobs: None) -> None:
         pending = await invite(api, "bob@example.com")
-        api.server.delivery_job.start()
-        await api.server.delivery_job.run_once()  # whatever was due at start is done
         bob = await bind(api, "bob@example.com", "bob")
         [body] = await api.homeserver.wait_for_onbind(1, within=5.0)
         assert body["mxid"] == bob

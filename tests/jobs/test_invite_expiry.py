@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import pytest
 
 from appservice.clock import FakeClock
-from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite
+from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import Api
 from tests.api.test_bind import BIND, lookup, validated_session
@@ -79,9 +82,13 @@ async def test_unanswered_invite_expires_to_the_invite_expired_user(
     assert sent["sender"] == pending.sender
     assert sent["room_id"] == pending.room_id
     assert sent["signed"]["token"] == pending.token
-    assert (body["medium"], body["address"]) == (sent["medium"], sent["address"]) == (
-        "email",
-        "bob@example.com",
+    assert (
+        (body["medium"], body["address"])
+        == (sent["medium"], sent["address"])
+        == (
+            "email",
+            "bob@example.com",
+        )
     )
     verify_server_signature(api, sent["signed"])
 
@@ -185,9 +192,7 @@ async def test_bind_after_expiry_binds_but_does_not_resolve_again(
     assert await lookup(api, token, "bob@example.com") == bob
 
 
-async def test_expiry_after_bind_leaves_the_bound_invite_alone(
-    api: Api, clock: FakeClock
-) -> None:
+async def test_expiry_after_bind_leaves_the_bound_invite_alone(api: Api, clock: FakeClock) -> None:
     pending = await invite(api)
     bob = await bind(api, "bob@example.com", "bob")
     clock.advance(AFTER_S + 1)
@@ -226,9 +231,90 @@ async def test_bind_and_expiry_at_the_same_moment_resolve_each_invite_once(
     assert tokens == sorted(i.token for i in invites)
 
 
-async def test_concurrent_expiry_runs_resolve_each_invite_once(
-    api: Api, clock: FakeClock
+async def test_expiry_committing_inside_a_bind_transaction_resolves_once(
+    api: Api, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The bind has read the pending invite when the expiry resolves it and commits."""
+    pending = await invite(api)
+    _, token, body = await prepare_bind(api, "bob@example.com", "bob")
+    clock.advance(AFTER_S + 1)
+    expiry: list[asyncio.Task[int]] = []
+    pending_for = InviteStore.pending_for
+
+    async def pending_for_then_expire(self: InviteStore, medium: str, address: str) -> Any:
+        found = await pending_for(self, medium, address)
+        # A fresh context: the expiry must not share the bind's connection.
+        task = asyncio.create_task(api.server.invites.expire_due(), context=contextvars.Context())
+        expiry.append(task)
+        if api.server.db.is_postgres:
+            assert await asyncio.wait_for(asyncio.shield(task), 5) == 1  # committed meanwhile
+        # (SQLite has one writer: the expiry waits for the bind to commit.)
+        return found
+
+    monkeypatch.setattr(InviteStore, "pending_for", pending_for_then_expire)
+    status, answer = await api.request("POST", BIND, token=token, json=body)
+    assert status == 200, answer
+    [task] = expiry
+    expired = await asyncio.wait_for(task, 5)
+    resolved = await assert_resolved_once(api, pending)
+    assert expired == (resolved.state == EXPIRED)
+    if api.server.db.is_postgres:
+        assert resolved.state == EXPIRED
+
+
+async def test_expiry_waiting_for_a_bind_transaction_resolves_once(
+    api: Api, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bind has resolved the invite and not committed yet when the expiry tries to."""
+    pending = await invite(api)
+    bob, token, body = await prepare_bind(api, "bob@example.com", "bob")
+    clock.advance(AFTER_S + 1)
+    expiry: list[asyncio.Task[int]] = []
+    resolve = InviteStore.resolve
+
+    async def resolve_then_expire(
+        self: InviteStore, invite_id: str, state: str, mxid: str, now_ms: int
+    ) -> bool:
+        done = await resolve(self, invite_id, state, mxid, now_ms)
+        if state == BOUND:
+            task = asyncio.create_task(
+                api.server.invites.expire_due(), context=contextvars.Context()
+            )
+            expiry.append(task)
+            if api.server.db.is_postgres:
+                await wait_for_a_lock_wait(api)  # the expiry's UPDATE waits for our row lock
+            else:
+                for _ in range(10):
+                    await asyncio.sleep(0)  # it waits for the one connection
+            assert not task.done()
+        return done
+
+    monkeypatch.setattr(InviteStore, "resolve", resolve_then_expire)
+    status, answer = await api.request("POST", BIND, token=token, json=body)
+    assert status == 200, answer
+    [task] = expiry
+    assert await asyncio.wait_for(task, 5) == 0
+    resolved = await assert_resolved_once(api, pending)
+    assert (resolved.state, resolved.resolved_mxid) == (BOUND, bob)
+
+
+async def wait_for_a_lock_wait(api: Api) -> None:
+    """Wait (at most 5 s) until a session of this database waits for a row lock."""
+    admin = await asyncpg.connect(api.server.config.database.url)
+    try:
+        for _ in range(500):
+            if await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("nobody waited for a lock within 5 s")
+    finally:
+        await admin.close()
+
+
+async def test_concurrent_expiry_runs_resolve_each_invite_once(api: Api, clock: FakeClock) -> None:
     invites = [await invite(api, f"guest{n}@example.com") for n in range(6)]
     clock.advance(AFTER_S + 1)
     counts = await asyncio.gather(

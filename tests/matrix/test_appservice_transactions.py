@@ -1,0 +1,471 @@
+"""The private appservice listener: hs_token auth, transactions recorded once and durably."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from appservice.app import IdentityServer
+from appservice.clock import FakeClock
+from appservice.db.appservice import LEAVE, PENDING, REJECT, RoomAction
+from tests.api import conftest as api_fixtures
+from tests.api.conftest import Api, make_config
+from tests.api.test_invites import ROOM, invite, stop_background_jobs
+from tests.support.client_api import FakeClientApi
+
+# The API tests' server (both databases) with its fake homeserver, SMTP sink and clock.
+api = api_fixtures.api
+clock = api_fixtures.clock
+smtp_sink = api_fixtures.smtp_sink
+twilio = api_fixtures.twilio
+signing_homeserver = api_fixtures.signing_homeserver
+
+EXPIRED_USER = "@_identity_invite_expired:hs.test"
+BOT = "@_identity_bot:hs.test"
+TXN = "/_matrix/app/v1/transactions"
+GENERIC_REASON = "This invitation expired and was withdrawn."
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def appservice_settings(fake: FakeClientApi, **extra: Any) -> dict[str, Any]:
+    """The ``appservice:`` section for a server whose homeserver is ``fake``, listening on a
+    free port that the fake pings."""
+    port = free_port()
+    fake.appservice_url = f"http://127.0.0.1:{port}"
+    return {
+        "as_token": fake.as_token,
+        "hs_token": fake.hs_token,
+        "homeserver_url": fake.base_url,
+        "homeserver_domain": fake.server_name,
+        "url": fake.appservice_url,
+        "listen": {"host": "127.0.0.1", "port": port},
+        **extra,
+    }
+
+
+@pytest.fixture
+def homeserver_down() -> bool:
+    """Whether the fake client API refuses connections when the server starts."""
+    return False
+
+
+@pytest.fixture
+async def client_api(homeserver_down: bool) -> AsyncIterator[FakeClientApi]:
+    """The homeserver's client-server API, as the appservice uses it."""
+    async with FakeClientApi() as fake:
+        # Synapse creates the sender_localpart user itself when it loads the registration.
+        fake.registered.add(fake.bot_user_id)
+        if homeserver_down:
+            await fake.go_down()
+        yield fake
+
+
+@pytest.fixture
+def appservice_extra() -> dict[str, Any]:
+    """More ``appservice:`` options (parametrize to change)."""
+    return {}
+
+
+@pytest.fixture
+def config_yaml(client_api: FakeClientApi, appservice_extra: dict[str, Any]) -> str:
+    return yaml.safe_dump({"appservice": appservice_settings(client_api, **appservice_extra)})
+
+
+@pytest.fixture
+async def homeserver_side(client_api: FakeClientApi) -> AsyncIterator[HomeserverSide]:
+    """An HTTP client playing the homeserver's part towards the private listener."""
+    async with aiohttp.ClientSession() as session:
+        assert client_api.appservice_url is not None
+        yield HomeserverSide(session, client_api.appservice_url, client_api.hs_token)
+
+
+class HomeserverSide:
+    """Sends what a homeserver sends to the appservice."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, hs_token: str) -> None:
+        self.session = session
+        self.base_url = base_url
+        self.hs_token = hs_token
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = "hs_token",
+        query_token: str | None = None,
+        json: Any = None,
+        data: bytes | None = None,
+    ) -> tuple[int, Any]:
+        """(status, JSON body or text); ``token="hs_token"`` means the right one."""
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {self.hs_token if token == 'hs_token' else token}"
+        params = {"access_token": query_token} if query_token is not None else None
+        async with self.session.request(
+            method,
+            self.base_url + path,
+            headers=headers,
+            params=params,
+            json=json,
+            data=data,
+        ) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+    async def transaction(
+        self, txn_id: str, events: list[dict[str, Any]], **kwargs: Any
+    ) -> tuple[int, Any]:
+        """``PUT /_matrix/app/v1/transactions/{txn_id}``."""
+        return await self.request("PUT", f"{TXN}/{txn_id}", json={"events": events}, **kwargs)
+
+
+def member_event(
+    state_key: str,
+    membership: str,
+    *,
+    room_id: str = ROOM,
+    sender: str = "@alice:hs.test",
+    token: str | None = None,
+    display_name: str | None = None,
+) -> dict[str, Any]:
+    """An ``m.room.member`` event as a homeserver pushes it."""
+    content: dict[str, Any] = {"membership": membership}
+    if token is not None or display_name is not None:
+        third_party: dict[str, Any] = {"display_name": display_name or "a…@e…"}
+        if token is not None:
+            third_party["signed"] = {"mxid": state_key, "token": token, "signatures": {}}
+        content["third_party_invite"] = third_party
+    return {
+        "type": "m.room.member",
+        "state_key": state_key,
+        "sender": sender,
+        "room_id": room_id,
+        "event_id": f"${secrets.token_urlsafe(12)}",
+        "origin_server_ts": 1_700_000_000_000,
+        "content": content,
+    }
+
+
+def message_event(room_id: str = ROOM) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "sender": "@alice:hs.test",
+        "room_id": room_id,
+        "event_id": f"${secrets.token_urlsafe(12)}",
+        "origin_server_ts": 1_700_000_000_000,
+        "content": {"msgtype": "m.text", "body": f"hello {EXPIRED_USER}"},
+    }
+
+
+async def actions_of(server: IdentityServer) -> list[RoomAction]:
+    return await server.appservice_store.actions()
+
+
+@pytest.fixture
+async def quiet(api: Api) -> AsyncIterator[Api]:
+    """The server with its background jobs stopped (recorded actions stay pending)."""
+    await stop_background_jobs(api)
+    yield api
+
+
+# Authentication.
+
+
+async def test_transaction_with_the_hs_token_is_acknowledged(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    assert await homeserver_side.transaction("t1", []) == (200, {})
+    legacy = await homeserver_side.request("PUT", "/transactions/t2", json={"events": []})
+    assert legacy == (200, {})
+
+
+ENDPOINTS = [
+    ("PUT", f"{TXN}/auth1", {"events": []}),
+    ("PUT", "/transactions/auth1", {"events": []}),
+    ("POST", "/_matrix/app/v1/ping", {}),
+    ("GET", "/_matrix/app/v1/users/@_identity_bot:hs.test", None),
+    ("GET", "/users/@_identity_bot:hs.test", None),
+    ("GET", "/_matrix/app/v1/rooms/%23alias:hs.test", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS)
+async def test_homeserver_endpoints_need_the_hs_token(
+    quiet: Api, homeserver_side: HomeserverSide, method: str, path: str, body: Any
+) -> None:
+    status, answer = await homeserver_side.request(method, path, token=None, json=body)
+    assert (status, answer["errcode"]) == (401, "M_UNAUTHORIZED")
+    for wrong in ("wrong", "", homeserver_side.hs_token + "x", homeserver_side.hs_token[:-1]):
+        status, answer = await homeserver_side.request(method, path, token=wrong, json=body)
+        assert (status, answer["errcode"]) == (403, "M_FORBIDDEN"), wrong
+    # Another scheme with the right token is not a bearer token.
+    async with homeserver_side.session.request(
+        method,
+        homeserver_side.base_url + path,
+        headers={"Authorization": f"Basic {homeserver_side.hs_token}"},
+        json=body,
+    ) as resp:
+        assert resp.status == 403
+    # Refused requests were not processed: the transaction id is still unused.
+    assert await homeserver_side.transaction("auth1", [member_event(EXPIRED_USER, "invite")]) == (
+        200,
+        {},
+    )
+    assert len(await actions_of(quiet.server)) == 1
+
+
+async def test_ping_and_user_query_answer_with_the_token(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    assert await homeserver_side.request(
+        "POST", "/_matrix/app/v1/ping", json={"transaction_id": "p1"}
+    ) == (200, {})
+    status, _ = await homeserver_side.request("GET", "/_matrix/app/v1/users/@nobody:hs.test")
+    assert status == 404
+
+
+async def test_query_string_token_is_refused_without_legacy_auth(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    hs_token = homeserver_side.hs_token
+    status, answer = await homeserver_side.transaction("q1", [], token=None, query_token=hs_token)
+    assert (status, answer["errcode"]) == (401, "M_UNAUTHORIZED")
+    # The header decides; the query parameter is not looked at.
+    assert await homeserver_side.transaction("q1", [], query_token="other") == (200, {})
+
+
+@pytest.mark.parametrize("appservice_extra", [{"legacy_query_auth": True}])
+async def test_legacy_query_token_when_enabled_must_match_the_header(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    hs_token = homeserver_side.hs_token
+    side = homeserver_side
+    assert await side.transaction("l1", [], token=None, query_token=hs_token) == (200, {})
+    assert await side.transaction("l2", [], query_token=hs_token) == (200, {})
+    for token, query_token in (
+        (None, "wrong"),
+        ("hs_token", "wrong"),
+        ("wrong", hs_token),
+    ):
+        status, answer = await side.transaction("l3", [], token=token, query_token=query_token)
+        assert (status, answer["errcode"]) == (403, "M_FORBIDDEN"), (token, query_token)
+    status, answer = await side.transaction("l3", [], token=None)
+    assert (status, answer["errcode"]) == (401, "M_UNAUTHORIZED")
+
+
+@pytest.mark.parametrize("appservice_extra", [{"legacy_query_auth": True}])
+async def test_the_hs_token_is_not_written_to_the_access_log(
+    quiet: Api, homeserver_side: HomeserverSide, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hs_token = homeserver_side.hs_token
+    assert await homeserver_side.transaction("log1", [], query_token=hs_token) == (200, {})
+    await homeserver_side.transaction("log2", [], token="wrong", query_token=hs_token + "x")
+    assert "log1" in caplog.text  # the request was logged...
+    assert hs_token not in caplog.text  # ...without the token
+
+
+# Malformed requests.
+
+
+async def test_unknown_paths_and_methods_are_unrecognized(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    status, answer = await homeserver_side.request("GET", "/_matrix/app/v1/nothing-here")
+    assert (status, answer["errcode"]) == (404, "M_UNRECOGNIZED")
+    status, answer = await homeserver_side.request("GET", f"{TXN}/t1")
+    assert (status, answer["errcode"]) == (405, "M_UNRECOGNIZED")
+
+
+async def test_malformed_transactions_are_refused_and_not_remembered(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    status, answer = await homeserver_side.request("PUT", f"{TXN}/m1", data=b"{not json")
+    assert (status, answer["errcode"]) == (400, "M_NOT_JSON")
+    status, answer = await homeserver_side.request("PUT", f"{TXN}/m1", json={"ephemeral": []})
+    assert (status, answer["errcode"]) == (400, "M_BAD_JSON")
+    for body in ({"events": {}}, {"events": ["x"]}, [], "events"):
+        status, answer = await homeserver_side.request("PUT", f"{TXN}/m1", json=body)
+        assert (status, answer["errcode"]) == (400, "M_BAD_JSON"), body
+    assert await actions_of(quiet.server) == []
+    # The id was not used up: the homeserver's proper retry is processed.
+    assert await homeserver_side.transaction("m1", [member_event(EXPIRED_USER, "invite")]) == (
+        200,
+        {},
+    )
+    assert len(await actions_of(quiet.server)) == 1
+
+
+# What a transaction records.
+
+
+async def test_expired_invite_of_a_stored_invite_is_rejected_with_its_details(
+    quiet: Api, homeserver_side: HomeserverSide, clock: FakeClock
+) -> None:
+    pending = await invite(quiet, "bob@example.com")
+    event = member_event(
+        EXPIRED_USER, "invite", sender=pending.sender, token=pending.token, display_name="x"
+    )
+    assert await homeserver_side.transaction("i1", [event]) == (200, {})
+
+    [action] = await actions_of(quiet.server)
+    invited_on = datetime.datetime.fromtimestamp(pending.created_ts / 1000, datetime.UTC)
+    assert pending.display_name != "bob@example.com" and "…" in pending.display_name
+    assert action.reason == (
+        f"The invitation sent to {pending.display_name} by {pending.sender} on "
+        f"{invited_on:%Y-%m-%d} expired after 7 days and was withdrawn."
+    )
+    assert "bob@example.com" not in action.reason
+    assert (action.kind, action.state, action.attempts) == (REJECT, PENDING, 0)
+    assert (action.room_id, action.user_id, action.event_id) == (
+        ROOM,
+        EXPIRED_USER,
+        event["event_id"],
+    )
+    assert action.created_ts == clock.now_ms()
+
+
+async def test_invite_without_one_of_our_tokens_gets_a_generic_reason(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    plain = member_event(EXPIRED_USER, "invite", room_id="!one:hs.test")
+    unknown = member_event(EXPIRED_USER, "invite", room_id="!two:hs.test", token="not-ours")
+    assert await homeserver_side.transaction("g1", [plain, unknown]) == (200, {})
+    first, second = sorted(await actions_of(quiet.server), key=lambda a: a.room_id)
+    assert first.reason == GENERIC_REASON
+    assert first.room_id == "!one:hs.test"
+    # Not one of ours, but the homeserver told us who was invited and by whom.
+    assert second.reason == "The invitation sent to a…@e… by @alice:hs.test expired and was withdrawn."
+
+
+async def test_a_retried_transaction_records_nothing_new(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    events = [member_event(EXPIRED_USER, "invite")]
+    assert await homeserver_side.transaction("r1", events) == (200, {})
+    assert await homeserver_side.transaction("r1", events) == (200, {})
+    # Through the legacy path as well.
+    legacy = await homeserver_side.request("PUT", "/transactions/r1", json={"events": events})
+    assert legacy == (200, {})
+    [action] = await actions_of(quiet.server)
+    # A new transaction id with the same event (a homeserver bug) still gives one action.
+    assert await homeserver_side.transaction("r2", events) == (200, {})
+    assert await actions_of(quiet.server) == [action]
+
+
+async def test_unrelated_events_are_ignored(quiet: Api, homeserver_side: HomeserverSide) -> None:
+    other_invite = member_event("@carol:hs.test", "invite")
+    bot_invite = member_event(BOT, "invite")
+    elsewhere = member_event("@_identity_invite_expired:other.test", "invite")
+    left = member_event(EXPIRED_USER, "leave")
+    banned = member_event(EXPIRED_USER, "ban")
+    no_event_id = member_event(EXPIRED_USER, "invite")
+    del no_event_id["event_id"]
+    no_content = member_event(EXPIRED_USER, "invite")
+    no_content["content"] = "invite"
+    not_state = {k: v for k, v in member_event(EXPIRED_USER, "invite").items() if k != "state_key"}
+    events = [
+        other_invite,
+        bot_invite,
+        elsewhere,
+        left,
+        banned,
+        message_event(),
+        no_event_id,
+        no_content,
+        not_state,
+        {"type": "m.typing"},
+        {},
+    ]
+    assert await homeserver_side.transaction("u1", events) == (200, {})
+    assert await actions_of(quiet.server) == []
+
+
+async def test_a_join_of_the_expired_user_records_a_leave(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    joined = member_event(EXPIRED_USER, "join", sender=EXPIRED_USER)
+    invited = member_event(EXPIRED_USER, "invite", room_id="!other:hs.test")
+    assert await homeserver_side.transaction("j1", [message_event(), joined, invited]) == (200, {})
+    actions = await actions_of(quiet.server)
+    assert sorted((a.kind, a.room_id, a.event_id) for a in actions) == sorted(
+        [(LEAVE, ROOM, joined["event_id"]), (REJECT, "!other:hs.test", invited["event_id"])]
+    )
+    [leave] = [a for a in actions if a.kind == LEAVE]
+    assert leave.reason == ""
+
+
+async def test_a_transaction_that_cannot_be_recorded_fails_so_the_homeserver_retries(
+    quiet: Api, homeserver_side: HomeserverSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = quiet.server.appservice_store
+    add_action = store.add_action
+
+    async def broken(*args: Any) -> bool:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(store, "add_action", broken)
+    events = [member_event(EXPIRED_USER, "invite")]
+    status, answer = await homeserver_side.transaction("f1", events)
+    assert (status, answer["errcode"]) == (500, "M_UNKNOWN")
+    assert await actions_of(quiet.server) == []
+
+    monkeypatch.setattr(store, "add_action", add_action)
+    # The transaction id was rolled back with the rest: the retry is processed.
+    assert await homeserver_side.transaction("f1", events) == (200, {})
+    assert len(await actions_of(quiet.server)) == 1
+
+
+async def test_the_public_listener_does_not_serve_the_appservice_api(quiet: Api) -> None:
+    hs_token = quiet.server.config.appservice.hs_token
+    for path in (f"{TXN}/p1", "/transactions/p1"):
+        status, answer = await quiet.request("PUT", path, token=hs_token, json={"events": []})
+        assert (status, answer["errcode"]) == (404, "M_UNRECOGNIZED"), path
+    status, _ = await quiet.request("POST", "/_matrix/app/v1/ping", token=hs_token, json={})
+    assert status == 404
+
+
+# Across restarts (no api fixture: this test stops and starts the server itself).
+
+
+async def test_a_transaction_retried_after_a_restart_records_nothing_new(
+    tmp_path: Path, database_url: str, client_api: FakeClientApi, clock: FakeClock
+) -> None:
+    config = make_config(
+        tmp_path, database_url, {}, yaml.safe_dump({"appservice": appservice_settings(client_api)})
+    )
+    events = [member_event(EXPIRED_USER, "invite"), member_event(EXPIRED_USER, "join")]
+
+    async def run_once(expected_actions: int) -> None:
+        server = IdentityServer(config, clock=clock)
+        await server.start()
+        try:
+            for job in server.jobs:  # the actions stay pending, for counting
+                await job.stop()
+            async with aiohttp.ClientSession() as session:
+                assert client_api.appservice_url is not None
+                side = HomeserverSide(session, client_api.appservice_url, client_api.hs_token)
+                assert await side.transaction("restart-1", events) == (200, {})
+            assert len(await actions_of(server)) == expected_actions
+        finally:
+            await server.stop()
+
+    await run_once(2)
+    await run_once(2)
