@@ -185,7 +185,7 @@ class IdentityServer:
         self.purge_job = PeriodicJob(
             "purge",
             PURGE_INTERVAL_S,
-            functools.partial(purge_expired, self.sessions, self.ratelimiter),
+            functools.partial(purge_expired, self.sessions, self.ratelimiter, self.expired_invites),
         )
         self.jobs: list[PeriodicJob] = [
             self.purge_job,

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -101,10 +101,7 @@ def _generate_registration(config_path: Path, registration_path: Path) -> int:
     config = load_config(config_path)
     if not config.appservice.enabled:
         text = set_config_tokens(config_path.read_text(encoding="utf-8"), new_token(), new_token())
-        tmp = config_path.with_name(config_path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(config_path.stat().st_mode & 0o777)
-        tmp.replace(config_path)
+        _write_private(config_path, text)
         config = load_config(config_path)
         print(f"created appservice tokens and saved them in {config_path}")
     write_registration(registration_path, build_registration(config.appservice))
@@ -151,10 +148,21 @@ def _add_invites_parser(commands: Any) -> None:
         _with_config(action)
 
 
-def write_example_config(path: Path) -> None:
-    """Copy the documented example config to ``path``."""
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable only by its owner (configs hold
+    secrets: tokens, passwords)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(EXAMPLE_CONFIG, path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_example_config(path: Path) -> None:
+    """Write the documented example config to ``path`` (mode 0600)."""
+    _write_private(path, EXAMPLE_CONFIG.read_text(encoding="utf-8"))
 
 
 def _setup_logging(config: Config | None) -> None:

@@ -260,10 +260,15 @@ def _validate(config: Config) -> None:
     appservice = config.appservice
     for key in ("as_token", "hs_token"):
         token = getattr(appservice, key)
-        if token and (token in PLACEHOLDER_TOKENS or "CHANGE" in token.upper()):
+        if token in PLACEHOLDER_TOKENS:
             raise ConfigError(
                 f"appservice.{key}: still the example placeholder; run generate-registration"
             )
+    if appservice.enabled and resolve_to and resolve_to != appservice.expired_user_id:
+        raise ConfigError(
+            "invites.expiration.resolve_to: with the appservice enabled, expired invites must go "
+            f"to its own user {appservice.expired_user_id} (leave resolve_to empty)"
+        )
     if bool(appservice.as_token) != bool(appservice.hs_token):
         raise ConfigError("appservice.as_token: as_token and hs_token must be set together")
     for key in ("bot_localpart", "expired_user_localpart"):

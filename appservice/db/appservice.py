@@ -148,6 +148,26 @@ class AppserviceStore:
         )
         return [_action(row) for row in rows]
 
+    async def has_open_action(self, room_id: str, kind: str) -> bool:
+        """Whether an action of ``kind`` in the room is still to be done."""
+        value = await self._db.fetchval(
+            "SELECT 1 FROM appservice_actions WHERE room_id = $1 AND kind = $2 AND state = $3"
+            " LIMIT 1",
+            room_id,
+            kind,
+            PENDING,
+        )
+        return value is not None
+
+    async def purge_finished_actions(self, before_ms: int) -> int:
+        """Forget actions done or failed before ``before_ms``."""
+        rows = await self._db.fetch(
+            "DELETE FROM appservice_actions WHERE state <> $1 AND created_ts < $2 RETURNING id",
+            PENDING,
+            before_ms,
+        )
+        return len(rows)
+
     async def purge_transactions(self, before_ms: int) -> int:
         """Forget transaction ids older than ``before_ms`` (the homeserver stopped retrying)."""
         rows = await self._db.fetch(

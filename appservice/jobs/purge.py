@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 
+from appservice.services.expired_invites import ExpiredInviteService
 from appservice.services.ratelimits import RateLimiter
 from appservice.services.sessions import SessionService
 
 log = logging.getLogger(__name__)
 
 
-async def purge_expired(sessions: SessionService, ratelimiter: RateLimiter) -> int:
+async def purge_expired(
+    sessions: SessionService, ratelimiter: RateLimiter, expired_invites: ExpiredInviteService
+) -> int:
     """One purge run; returns the number of rows deleted. Safe on several instances at once."""
     removed_sessions = await sessions.purge_expired()
     removed_windows = await ratelimiter.purge()
+    removed_windows += await expired_invites.purge()
     if removed_sessions:
         log.info("purged %d expired validation sessions", removed_sessions)
     return removed_sessions + removed_windows

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
+from mautrix.types import UserID
 
 from appservice.api.http import (
     Handler,
@@ -61,6 +62,7 @@ class IdentityAppService(AppService):
                 log="appservice.matrix.mautrix",
             )
         self._legacy_query_auth = config.legacy_query_auth
+        self._expired_user_id = config.expired_user_id
         self._on_transaction = on_transaction
         self.app.middlewares.append(matrix_middleware)
         self.app.middlewares.append(self._auth_middleware)
@@ -115,6 +117,21 @@ class IdentityAppService(AppService):
     def _check_token(self, request: web.Request) -> bool:
         # Called by mautrix's handlers; the middleware has already answered 401/403.
         return self._token_problem(request) is None
+
+    async def _http_query_user(self, request: web.Request) -> web.Response:
+        """``GET /users/{userId}``: 200 ``{}`` for our two users (registered first, as the spec
+        requires the appservice to have created them), 404 for anyone else."""
+        user_id = request.match_info["user_id"]
+        if user_id not in (self.bot_mxid, self._expired_user_id):
+            raise MatrixError(404, "M_NOT_FOUND", "Not a user of this application service")
+        try:
+            await self.intent.user(UserID(user_id)).ensure_registered()
+        except Exception as e:  # the homeserver asked, so it should answer; report, don't crash
+            log.warning("could not register %s on request: %s", user_id, e)
+            raise MatrixError(
+                502, "M_UNKNOWN", "Could not register the user with the homeserver"
+            ) from None
+        return json_response({})
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
         txn_id = request.match_info["transaction_id"]

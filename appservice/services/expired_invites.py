@@ -24,14 +24,23 @@ log = logging.getLogger(__name__)
 TRANSACTION_MEMORY_S = 7 * 86400
 
 
+_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60))
+
+
+def _count(count: int, unit: str) -> str:
+    return f"{count} {unit}{'s' if count != 1 else ''}"
+
+
 def human_duration(seconds: float) -> str:
-    """``7 days``, ``3 hours``, ``1 minute``, ``45 seconds``."""
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if (seconds >= size and seconds % size == 0) or seconds >= 2 * size:
-            count = round(seconds / size)
-            return f"{count} {unit}{'s' if count != 1 else ''}"
-    count = round(seconds)
-    return f"{count} second{'s' if count != 1 else ''}"
+    """``7 days``, ``60 hours``, ``1 minute``, ``45 seconds``: the largest unit that divides it
+    exactly, else the largest unit it is at least two of (rounded)."""
+    for unit, size in _UNITS:
+        if seconds >= size and seconds % size == 0:
+            return _count(int(seconds // size), unit)
+    for unit, size in _UNITS:
+        if seconds >= 2 * size:
+            return _count(round(seconds / size), unit)
+    return _count(round(seconds), "second")
 
 
 class ExpiredInviteService:
@@ -71,6 +80,8 @@ class ExpiredInviteService:
                 if action is None:
                     continue
                 kind, room_id, event_id = action
+                if kind == LEAVE and await self._store.has_open_action(room_id, REJECT):
+                    continue  # our own join while posting a notice: that action leaves anyway
                 reason = await self._reason(event) if kind == REJECT else ""
                 if await self._store.add_action(
                     secrets.token_urlsafe(12),
@@ -138,6 +149,8 @@ class ExpiredInviteService:
         )
 
     async def purge(self) -> int:
-        """Forget old transaction ids."""
+        """Forget old transaction ids and old finished actions."""
         cutoff = self._clock.now_ms() - TRANSACTION_MEMORY_S * 1000
-        return await self._store.purge_transactions(cutoff)
+        return await self._store.purge_transactions(
+            cutoff
+        ) + await self._store.purge_finished_actions(cutoff)

@@ -172,7 +172,9 @@ def test_generate_registration_creates_tokens_and_saves_them_in_the_config(
     original = config_path.read_text(encoding="utf-8")
     assert not load_config(config_path, environ={}).appservice.enabled
 
-    assert run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    assert (
+        run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    )
     registration = yaml.safe_load(registration_path.read_text(encoding="utf-8"))
     assert stat.S_IMODE(registration_path.stat().st_mode) == 0o600
     as_token, hs_token = registration["as_token"], registration["hs_token"]
@@ -193,7 +195,9 @@ def test_generate_registration_creates_tokens_and_saves_them_in_the_config(
     assert as_token not in out and hs_token not in out
 
     # A second run reuses them.
-    assert run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    assert (
+        run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    )
     assert yaml.safe_load(registration_path.read_text(encoding="utf-8")) == registration
     assert config_path.read_text(encoding="utf-8") == updated
 
@@ -208,9 +212,14 @@ def test_tokens_from_the_environment_are_not_written_to_the_config(
     monkeypatch.setenv("APPSERVICE_APPSERVICE_AS_TOKEN", "as" + "1" * 30)
     monkeypatch.setenv("APPSERVICE_APPSERVICE_HS_TOKEN", "hs" + "2" * 30)
 
-    assert run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    assert (
+        run_cli("generate-registration", "-c", str(config_path), "-r", str(registration_path)) == 0
+    )
     registration = yaml.safe_load(registration_path.read_text(encoding="utf-8"))
-    assert (registration["as_token"], registration["hs_token"]) == ("as" + "1" * 30, "hs" + "2" * 30)
+    assert (registration["as_token"], registration["hs_token"]) == (
+        "as" + "1" * 30,
+        "hs" + "2" * 30,
+    )
     assert config_path.read_bytes() == original
 
 

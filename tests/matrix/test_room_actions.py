@@ -4,15 +4,15 @@ mode, retries with backoff, giving up; registering the users and pinging at star
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from mautrix.types import UserID
 
 from appservice.clock import FakeClock
 from appservice.db.appservice import DONE, FAILED, LEAVE, PENDING, REJECT, RoomAction
 from appservice.matrix.actions import GIVE_UP_AFTER_S, RETRY_INITIAL_S, RoomActionWorker
-from mautrix.types import UserID
 from tests.api import conftest as api_fixtures
 from tests.api.conftest import Api
 from tests.api.test_invites import ROOM
@@ -23,7 +23,7 @@ from tests.matrix.test_appservice_transactions import (
     actions_of,
     member_event,
 )
-from tests.support.client_api import FakeClientApi, not_in_room, not_invited, no_such_room
+from tests.support.client_api import FakeClientApi, no_such_room, not_in_room, not_invited
 
 # The API tests' server (both databases) with the appservice enabled, its homeserver being the
 # fake client API.
@@ -43,11 +43,22 @@ BOT = "@_identity_bot:hs.test"
 NOTICE_MODE = pytest.mark.parametrize("appservice_extra", [{"post_notice": True}])
 
 
-async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for a condition another task makes true (bounded)."""
-    async with asyncio.timeout(within):
-        while not condition():
-            await asyncio.sleep(0.01)
+async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``await condition()`` every 10 ms until it holds, at most 5 s."""
+    for _ in range(500):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ping_is(api: Api, value: str) -> Callable[[], Awaitable[bool]]:
+    """Whether the server's appservice status says the homeserver ping is ``value``."""
+
+    async def check() -> bool:
+        return api.server.appservice_status.get("ping") == value
+
+    return check
 
 
 async def record_invite(
@@ -327,7 +338,7 @@ async def test_notice_mode_retries_a_malformed_answer(
 async def test_server_registers_its_users_and_pings_the_homeserver_at_start(
     api: Api, client_api: FakeClientApi
 ) -> None:
-    await wait_until(lambda: api.server.appservice_status.get("ping") == "ok")
+    await wait_until(ping_is(api, "ok"), "a successful ping")
     status, body = await api.request("GET", "/health")
     assert status == 200
     assert body["appservice"]["enabled"] is True
@@ -353,7 +364,7 @@ async def test_server_registers_its_users_and_pings_the_homeserver_at_start(
 async def test_registration_is_retried_while_the_homeserver_is_down(
     api: Api, client_api: FakeClientApi
 ) -> None:
-    await wait_until(lambda: api.server.appservice_status.get("ping") == "failed")
+    await wait_until(ping_is(api, "failed"), "a failed ping")
     status, body = await api.request("GET", "/health")
     assert status == 200  # the identity service itself is fine
     assert body["appservice"]["ping"] == "failed"
@@ -363,7 +374,7 @@ async def test_registration_is_retried_while_the_homeserver_is_down(
     await client_api.come_up()
     assert api.server.registration_job is not None
     api.server.registration_job.wake()
-    await wait_until(lambda: api.server.appservice_status.get("ping") == "ok")
+    await wait_until(ping_is(api, "ok"), "a successful ping")
     _, body = await api.request("GET", "/health")
     assert body["appservice"]["ping"] == "ok" and "error" not in body["appservice"]
     assert EXPIRED_USER in client_api.registered
@@ -377,7 +388,9 @@ async def test_a_recorded_rejection_is_performed_in_the_background(
     await client_api.wait_for(
         lambda: client_api.membership_of(ROOM, EXPIRED_USER) == "leave", within=4
     )
-    async with asyncio.timeout(5):
-        while (action := await the_action(api)).state != DONE:
-            await asyncio.sleep(0.01)
-    assert action.event_id == event["event_id"]
+
+    async def done() -> bool:
+        return (await the_action(api)).state == DONE
+
+    await wait_until(done, "the action to be marked done")
+    assert (await the_action(api)).event_id == event["event_id"]

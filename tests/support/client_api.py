@@ -415,7 +415,9 @@ class FakeClientApi:
 
     async def _unknown(self, request: web.Request) -> web.Response:
         async with self._changed:
-            self.calls.append(ClientCall("unknown", request.method, request.path, None, None, None, 404))
+            self.calls.append(
+                ClientCall("unknown", request.method, request.path, None, None, None, 404)
+            )
             self._changed.notify_all()
         return web.json_response(
             {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}, status=404
