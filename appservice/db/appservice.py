@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from appservice.db.database import AppDatabase
+from appservice.db.work_queue import FAILED, PENDING, LeasedQueue
 
-PENDING = "pending"
 DONE = "done"
-FAILED = "failed"
+__all__ = ["DONE", "FAILED", "LEAVE", "PENDING", "REJECT", "AppserviceStore", "RoomAction"]
 
 REJECT = "reject"
 LEAVE = "leave"
@@ -29,9 +29,13 @@ class RoomAction:
     created_ts: int
     attempts: int
     last_error: str | None
+    claimed_until: int | None = None
 
 
-_COLUMNS = "id, kind, room_id, user_id, reason, event_id, state, created_ts, attempts, last_error"
+_COLUMNS = (
+    "id, kind, room_id, user_id, reason, event_id, state, created_ts, attempts, last_error,"
+    " claimed_until"
+)
 
 
 def _action(row: Any) -> RoomAction:
@@ -46,6 +50,7 @@ def _action(row: Any) -> RoomAction:
         created_ts=row["created_ts"],
         attempts=row["attempts"],
         last_error=row["last_error"],
+        claimed_until=row["claimed_until"],
     )
 
 
@@ -54,6 +59,7 @@ class AppserviceStore:
 
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
+        self._queue = LeasedQueue(db, "appservice_actions", _COLUMNS, DONE, "done_ts")
 
     async def record_transaction(self, txn_id: str, now_ms: int) -> bool:
         """Remember a transaction; False when it was handled before."""
@@ -92,54 +98,39 @@ class AppserviceStore:
         return row is not None
 
     async def claim_due(self, now_ms: int, lease_ms: int, limit: int) -> list[RoomAction]:
-        """Claim due actions for this worker (see OutboxStore.claim_due)."""
-        lock = " FOR UPDATE SKIP LOCKED" if self._db.is_postgres else ""
-        rows = await self._db.fetch(
-            f"UPDATE appservice_actions SET claimed_until = $2 WHERE id IN ("
-            f" SELECT id FROM appservice_actions WHERE state = $3 AND next_attempt_ts <= $1"
-            f" AND (claimed_until IS NULL OR claimed_until <= $1)"
-            f" ORDER BY next_attempt_ts, id LIMIT $4{lock}) RETURNING {_COLUMNS}",
-            now_ms,
-            now_ms + lease_ms,
-            PENDING,
-            limit,
-        )
+        """Claim due actions for this worker until ``now + lease`` (see LeasedQueue)."""
+        rows = await self._queue.claim_due(now_ms, lease_ms, limit)
         return sorted((_action(row) for row in rows), key=lambda a: (a.created_ts, a.id))
 
-    async def mark_done(self, action_id: str, attempts: int, now_ms: int) -> None:
+    async def renew_claim(self, action: RoomAction, new_until: int) -> bool:
+        """Extend this worker's claim before performing it; False if the claim was lost."""
+        if action.claimed_until is None:
+            return False
+        return await self._queue.renew_claim(action.id, action.claimed_until, new_until)
+
+    async def mark_done(
+        self, action_id: str, attempts: int, now_ms: int, *, claim: int | None = None
+    ) -> bool:
         """The action was performed (or turned out to be unnecessary)."""
-        await self._db.execute(
-            "UPDATE appservice_actions SET state = $2, attempts = $3, done_ts = $4,"
-            " claimed_until = NULL WHERE id = $1",
-            action_id,
-            DONE,
-            attempts,
-            now_ms,
-        )
+        return await self._queue.finish(action_id, attempts, now_ms, claim=claim)
 
     async def mark_retry(
-        self, action_id: str, attempts: int, next_attempt_ts: int, error: str
-    ) -> None:
+        self,
+        action_id: str,
+        attempts: int,
+        next_attempt_ts: int,
+        error: str,
+        *,
+        claim: int | None = None,
+    ) -> bool:
         """It failed for now; try again later."""
-        await self._db.execute(
-            "UPDATE appservice_actions SET attempts = $2, next_attempt_ts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1",
-            action_id,
-            attempts,
-            next_attempt_ts,
-            error,
-        )
+        return await self._queue.retry(action_id, attempts, next_attempt_ts, error, claim=claim)
 
-    async def mark_failed(self, action_id: str, attempts: int, error: str) -> None:
+    async def mark_failed(
+        self, action_id: str, attempts: int, error: str, *, claim: int | None = None
+    ) -> bool:
         """It cannot be done."""
-        await self._db.execute(
-            "UPDATE appservice_actions SET state = $2, attempts = $3, last_error = $4,"
-            " claimed_until = NULL WHERE id = $1",
-            action_id,
-            FAILED,
-            attempts,
-            error,
-        )
+        return await self._queue.fail(action_id, attempts, error, claim=claim)
 
     async def actions(self) -> list[RoomAction]:
         """Every action, oldest first."""

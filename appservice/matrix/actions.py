@@ -53,6 +53,11 @@ class RoomActionWorker:
                 return done
 
     async def _perform(self, action: RoomAction) -> int:
+        # Renewed right before the attempt: the batch is worked through one by one, and a row
+        # whose claim lapsed meanwhile may be another instance's now.
+        claim = self._clock.now_ms() + _LEASE_MS
+        if not await self._store.renew_claim(action, claim):
+            return 0
         attempts = action.attempts + 1
         intent = self._intent_for(action.user_id)
         room_id = RoomID(action.room_id)
@@ -63,24 +68,26 @@ class RoomActionWorker:
             elif action.kind in (REJECT, LEAVE):
                 await intent.leave_room(room_id, reason=action.reason or None)
             else:
-                await self._store.mark_failed(action.id, attempts, f"unknown kind {action.kind}")
+                await self._store.mark_failed(
+                    action.id, attempts, f"unknown kind {action.kind}", claim=claim
+                )
                 return 0
         except MatrixRequestError as e:
             if e.http_status in (403, 404):
                 # Already rejected, or not in the room: the goal is reached.
                 log.info("%s in %s: nothing to do (%s)", action.kind, room_id, e.errcode)
-                await self._store.mark_done(action.id, attempts, self._clock.now_ms())
+                await self._store.mark_done(action.id, attempts, self._clock.now_ms(), claim=claim)
                 return 1
-            await self._retry_or_fail(action, attempts, f"HTTP {e.http_status} {e.errcode}")
+            await self._retry_or_fail(action, claim, attempts, f"HTTP {e.http_status} {e.errcode}")
             return 0
         except (MatrixConnectionError, OSError, TimeoutError) as e:
-            await self._retry_or_fail(action, attempts, f"{type(e).__name__}: {e}")
+            await self._retry_or_fail(action, claim, attempts, f"{type(e).__name__}: {e}")
             return 0
         except Exception as e:  # a malformed answer, or a bug: retried, never stuck
             log.exception("%s in %s failed unexpectedly", action.kind, room_id)
-            await self._retry_or_fail(action, attempts, f"{type(e).__name__}: {e}")
+            await self._retry_or_fail(action, claim, attempts, f"{type(e).__name__}: {e}")
             return 0
-        await self._store.mark_done(action.id, attempts, self._clock.now_ms())
+        await self._store.mark_done(action.id, attempts, self._clock.now_ms(), claim=claim)
         log.info("%s done in %s as %s", action.kind, room_id, UserID(action.user_id))
         return 1
 
@@ -99,14 +106,18 @@ class RoomActionWorker:
             return
         await intent.leave_room(room_id)
 
-    async def _retry_or_fail(self, action: RoomAction, attempts: int, reason: str) -> None:
+    async def _retry_or_fail(
+        self, action: RoomAction, claim: int, attempts: int, reason: str
+    ) -> None:
         now = self._clock.now_ms()
         delay_s = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (attempts - 1))
         if now + delay_s * 1000 - action.created_ts > GIVE_UP_AFTER_S * 1000:
-            await self._store.mark_failed(action.id, attempts, f"gave up: {reason}")
+            await self._store.mark_failed(action.id, attempts, f"gave up: {reason}", claim=claim)
             log.warning("%s in %s failed for good: %s", action.kind, action.room_id, reason)
             return
-        await self._store.mark_retry(action.id, attempts, now + int(delay_s * 1000), reason)
+        await self._store.mark_retry(
+            action.id, attempts, now + int(delay_s * 1000), reason, claim=claim
+        )
         log.warning(
             "%s in %s failed (attempt %d, retry in %ds): %s",
             action.kind,
