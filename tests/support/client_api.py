@@ -33,6 +33,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.support.loopback import LoopbackServer
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A planned answer: a status (with an error body, M_UNKNOWN unless given) or (status, body).
 Answer = int | tuple[int, Any]
@@ -98,7 +100,7 @@ class _Refused(Exception):
         self.body = {"errcode": errcode, "error": error}
 
 
-class FakeClientApi:
+class FakeClientApi(LoopbackServer):
     """The client-server API endpoints an application service calls, on 127.0.0.1."""
 
     def __init__(
@@ -108,6 +110,7 @@ class FakeClientApi:
         appservice_id: str = "identity-appservice",
         bot_localpart: str = "_identity_bot",
     ) -> None:
+        super().__init__()
         self.server_name = server_name
         self.appservice_id = appservice_id
         self.bot_user_id = f"@{bot_localpart}:{server_name}"
@@ -116,7 +119,6 @@ class FakeClientApi:
         self.hs_token = secrets.token_hex(16)
         # Where the appservice listens (the registration's url): the target of pings.
         self.appservice_url: str | None = None
-        self.port = 0
         self.calls: list[ClientCall] = []
         self.registered: set[str] = set()
         self.memberships: list[Membership] = []
@@ -125,16 +127,8 @@ class FakeClientApi:
         self.ping_answers: list[tuple[int, Any]] = []
         self._planned: dict[str, list[Answer]] = {}
         self._sent_txns: dict[tuple[str, str], str] = {}
-        self._down = False
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Condition()
-
-    @property
-    def base_url(self) -> str:
-        """The client-server API base URL (the config's ``homeserver_url``)."""
-        return f"http://127.0.0.1:{self.port}"
 
     def user_id(self, localpart: str) -> str:
         """A user ID on this homeserver."""
@@ -162,9 +156,8 @@ class FakeClientApi:
 
     # Serving.
 
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        app = web.Application(middlewares=[self._refuse_when_down])
+    def routes(self, app: web.Application) -> None:
+        """The client-server endpoints an appservice calls."""
         app.router.add_post(f"{CLIENT_V3}/register", self._register)
         app.router.add_post(f"{CLIENT_V3}/rooms/{{room_id}}/leave", self._leave)
         app.router.add_post(f"{CLIENT_V3}/rooms/{{room_id}}/join", self._join)
@@ -178,36 +171,17 @@ class FakeClientApi:
         app.router.add_get(f"{CLIENT_V3}/rooms/{{room_id}}/state/{{event_type}}", self._state)
         app.router.add_post("/_matrix/client/v1/appservice/{appservice_id}/ping", self._ping)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await self._listen(0)
+
+    async def start(self) -> None:
+        """Listen on a free loopback port, with a client session for the pings."""
+        await super().start()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-
-    async def _listen(self, port: int) -> None:
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await self._site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def go_down(self) -> None:
-        """Refuse connections (and cut requests on connections already open)."""
-        self._down = True
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-
-    async def come_up(self) -> None:
-        """Listen again, on the same port."""
-        self._down = False
-        if self._site is None:
-            await self._listen(self.port)
 
     async def stop(self) -> None:
         """Stop listening."""
         if self._session is not None:
             await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await super().stop()
 
     async def __aenter__(self) -> FakeClientApi:
         await self.start()
@@ -215,14 +189,6 @@ class FakeClientApi:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    @web.middleware
-    async def _refuse_when_down(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # A keep-alive connection opened before going down is cut like a crashed server's.
-        if self._down and request.transport is not None:
-            request.transport.abort()
-            raise web.HTTPServiceUnavailable()
-        return await handler(request)
 
     # Plumbing shared by the endpoints.
 

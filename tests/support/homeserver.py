@@ -9,25 +9,24 @@ refused) and brought back up on the same port, and anything else is a 404 like a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from tests.support.loopback import LoopbackServer
+
 ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-class FakeHomeserver:
+class FakeHomeserver(LoopbackServer):
     """OpenID userinfo for registered tokens and onbind notifications, on 127.0.0.1."""
 
     def __init__(self, server_name: str = "hs.test") -> None:
+        super().__init__()
         self.server_name = server_name
         self.openid_tokens: dict[str, str] = {}
         # (method, path) of every request answered.
         self.requests: list[tuple[str, str]] = []
-        self.port = 0
         # When set, userinfo answers with this status (to test homeserver failures).
         self.userinfo_status: int | None = None
         # Every onbind body received, whatever the answer was.
@@ -37,15 +36,7 @@ class FakeHomeserver:
         # Answers to the next onbind requests, consumed in order: a status (with an M_UNKNOWN
         # error body unless 2xx) or (status, body). When empty: 200 {}.
         self.onbind_statuses: list[int | tuple[int, Any]] = []
-        self._down = False
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
         self._changed = asyncio.Condition()
-
-    @property
-    def base_url(self) -> str:
-        """Where it listens."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def is_down(self) -> bool:
@@ -95,49 +86,13 @@ class FakeHomeserver:
             self._changed.notify_all()
         return web.json_response(answer, status=status)
 
-    @web.middleware
-    async def _refuse_when_down(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # A connection opened before going down (keep-alive) is cut like a crashed server's.
-        if self._down and request.transport is not None:
-            request.transport.abort()
-            raise web.HTTPServiceUnavailable()
-        return await handler(request)
-
     async def wait_for_onbind(self, count: int, within: float = 5.0) -> list[Any]:
         """Wait (at most ``within`` seconds) until ``count`` onbinds were accepted; return them."""
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.onbind_accepted) >= count)
         return list(self.onbind_accepted)
 
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        app = web.Application(middlewares=[self._refuse_when_down])
+    def routes(self, app: web.Application) -> None:
+        """OpenID userinfo and onbind."""
         app.router.add_get("/_matrix/federation/v1/openid/userinfo", self._userinfo)
         app.router.add_post(ONBIND_PATH, self._onbind)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await self._listen(0)
-
-    async def _listen(self, port: int) -> None:
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await self._site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def go_down(self) -> None:
-        """Stop listening (new connections are refused) and cut open connections' requests."""
-        self._down = True
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-
-    async def come_up(self) -> None:
-        """Listen again, on the same port."""
-        self._down = False
-        if self._site is None:
-            await self._listen(self.port)
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        if self._runner is not None:
-            await self._runner.cleanup()
