@@ -35,7 +35,6 @@ from aiohttp import web
 
 from tests.support.loopback import LoopbackServer
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A planned answer: a status (with an error body, M_UNKNOWN unless given) or (status, body).
 Answer = int | tuple[int, Any]
 
