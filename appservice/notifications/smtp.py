@@ -11,7 +11,6 @@ command of the next mail, which is then retried once on a fresh session.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import email.message
 import email.policy
 import email.utils
@@ -25,6 +24,7 @@ import aiosmtplib
 
 from appservice.config import ConfigError, SmtpConfig
 from appservice.notifications.message import EmailMessage, NotificationError
+from appservice.notifications.mime import build_message, encode_address_header
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class SmtpConnector:
         self._config = config
         self._sender = sender
         self._envelope_from = address
+        name = email.utils.parseaddr(sender)[0]
+        # The From: header for each kind of message (7-bit, or SMTPUTF8), built once.
+        self._from_headers = {
+            utf8: encode_address_header(name, address, utf8) for utf8 in (False, True)
+        }
         domain = address.rpartition("@")[2]
         try:
             self._msgid_domain = domain.encode("idna").decode("ascii")
@@ -159,20 +164,18 @@ class SmtpConnector:
             raise NotificationError("the recipient is not a single email address")
         recipient, to_utf8 = _ascii_address(msg.to)
         utf8 = to_utf8 or not self._envelope_from.isascii()
-        mime = email.message.EmailMessage(policy=email.policy.SMTP)
         try:
-            mime["From"] = self._sender
-            # The domain in its ASCII (IDNA) form unless the address needs SMTPUTF8 anyway.
-            mime["To"] = msg.to if to_utf8 else recipient
-            mime["Subject"] = msg.subject
-            mime["Date"] = email.utils.format_datetime(datetime.datetime.now(datetime.UTC))
-            mime["Message-ID"] = email.utils.make_msgid(domain=self._msgid_domain)
-            # RFC 3834: no out-of-office replies to a robot.
-            mime["Auto-Submitted"] = "auto-generated"
-            mime.set_content(msg.text, subtype="plain", charset="utf-8", cte="quoted-printable")
-            mime.add_alternative(msg.html, subtype="html", charset="utf-8", cte="quoted-printable")
-            policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
-            return mime.as_bytes(policy=policy), recipient, utf8
+            data = build_message(
+                from_header=self._from_headers[utf8],
+                # The domain in its ASCII (IDNA) form unless the address needs SMTPUTF8 anyway.
+                to_header=msg.to if to_utf8 else recipient,
+                subject=msg.subject,
+                text=msg.text,
+                html=msg.html,
+                msgid_domain=self._msgid_domain,
+                utf8=utf8,
+            )
+            return data, recipient, utf8
         except (ValueError, TypeError, UnicodeError) as e:
             raise NotificationError(f"the message cannot be encoded ({type(e).__name__})") from e
 

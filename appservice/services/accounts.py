@@ -15,6 +15,9 @@ from appservice.federation.openid import OpenIdError
 
 log = logging.getLogger(__name__)
 
+TOKEN_CACHE_TTL_S = 30.0
+TOKEN_CACHE_SIZE = 100_000
+
 # (server_name, openid_access_token) -> the Matrix user ID the homeserver vouches for; raises
 # OpenIdError when the token is refused and FederationError when the homeserver is unreachable.
 OpenIdVerifier = Callable[[str, str], Awaitable[str]]
@@ -34,6 +37,9 @@ class AccountService:
         self._verify_openid = verify_openid
         self._clock = clock
         self._allowed = frozenset(allowed_homeservers)
+        # token hash -> (account, when cached): most requests then need no database round trip.
+        # A logout on another instance takes effect here within TOKEN_CACHE_TTL_S.
+        self._cache: dict[str, tuple[Account, float]] = {}
 
     async def register(self, openid_token: str, server_name: str) -> str:
         """Exchange an OpenID token for a new access token of the user it identifies."""
@@ -66,12 +72,23 @@ class AccountService:
         """The account of an access token (401 M_UNAUTHORIZED when missing or unknown)."""
         if not token:
             raise unauthorized("Missing access token")
-        account = await self._store.get(token_hash(token))
+        key = token_hash(token)
+        now = self._clock.time()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[1] < TOKEN_CACHE_TTL_S:
+            return cached[0]
+        account = await self._store.get(key)
         if account is None:
+            self._cache.pop(key, None)
             raise unauthorized("Unrecognised access token")
+        if len(self._cache) >= TOKEN_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = (account, now)
         return account
 
     async def logout(self, token: str | None) -> None:
         """Invalidate an access token (401 M_UNKNOWN_TOKEN when unknown)."""
+        if token:
+            self._cache.pop(token_hash(token), None)
         if not token or not await self._store.delete(token_hash(token)):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from appservice.app import IdentityServer
+from appservice.clock import FakeClock
+from appservice.errors import MatrixError
+from appservice.services.accounts import TOKEN_CACHE_TTL_S
 from tests.api.conftest import Api
 
 REGISTER = "/_matrix/identity/v2/account/register"
@@ -137,3 +141,24 @@ class TestAllowedHomeservers:
         status, body = await api.request("POST", REGISTER, json=credentials)
         assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
         assert api.homeserver.requests == []
+
+
+async def test_logout_on_another_instance_takes_effect_within_the_cache_time(
+    api: Api, clock: FakeClock
+) -> None:
+    user_id, token = await api.register()
+    other = IdentityServer(api.server.config, clock=clock)
+    await other.open()
+    try:
+        assert (await other.accounts.authenticate(token)).user_id == user_id
+        await api.request("POST", f"{ACCOUNT}/logout", token=token)
+        # This instance forgot the token at once; the other trusts its cache a little longer.
+        status, _ = await api.request("GET", ACCOUNT, token=token)
+        assert status == 401
+        assert (await other.accounts.authenticate(token)).user_id == user_id
+        clock.advance(TOKEN_CACHE_TTL_S)
+        with pytest.raises(MatrixError) as info:
+            await other.accounts.authenticate(token)
+        assert info.value.errcode == "M_UNAUTHORIZED"
+    finally:
+        await other.stop()
