@@ -32,7 +32,7 @@ class AccountStore:
 
     async def get(self, token_hash: str) -> Account | None:
         """The account owning a token, if any."""
-        row = await self._db.fetchrow(
+        row = await self._db.read_row(
             "SELECT user_id, created_ts FROM accounts WHERE token_hash = $1", token_hash
         )
         return Account(row["user_id"], row["created_ts"]) if row else None

@@ -60,7 +60,7 @@ class BindingStore:
 
     async def get(self, medium: str, address: str) -> Binding | None:
         """The binding of one 3PID."""
-        row = await self._db.fetchrow(
+        row = await self._db.read_row(
             f"SELECT {_COLUMNS} FROM bindings WHERE medium = $1 AND address = $2", medium, address
         )
         return _binding(row) if row else None
@@ -76,7 +76,8 @@ class BindingStore:
         if not hashes:
             return {}
         clause, param = self._hash_filter(hashes)
-        rows = await self._db.fetch(f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", param)
+        # The hot path of every lookup: one indexed read (see AppDatabase.read).
+        rows = await self._db.read(f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", param)
         return {row["lookup_hash"]: row["mxid"] for row in rows}
 
     async def by_hashes(self, hashes: Sequence[str]) -> list[Binding]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from appservice.db.database import AppDatabase
 
 
@@ -11,17 +13,19 @@ class RateLimitStore:
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
 
-    async def hit(self, bucket: str, window_start: int, expires_ts: int) -> int:
-        """Count one event in a window; returns the events in that window including this one."""
-        value = await self._db.fetchval(
-            "INSERT INTO rate_limits (bucket, window_start, hits, expires_ts)"
-            " VALUES ($1, $2, 1, $3) ON CONFLICT (bucket, window_start)"
-            " DO UPDATE SET hits = rate_limits.hits + 1 RETURNING hits",
-            bucket,
-            window_start,
-            expires_ts,
+    async def hit(self, windows: Sequence[tuple[str, int, int]]) -> dict[str, int]:
+        """Count one event in each (bucket, window_start, expires_ts), in one statement; the
+        events in each bucket's window including this one. Buckets must be distinct."""
+        values = ", ".join(
+            f"(${3 * i + 1}, ${3 * i + 2}, 1, ${3 * i + 3})" for i in range(len(windows))
         )
-        return int(value)
+        rows = await self._db.fetch(
+            "INSERT INTO rate_limits (bucket, window_start, hits, expires_ts)"
+            f" VALUES {values} ON CONFLICT (bucket, window_start)"
+            " DO UPDATE SET hits = rate_limits.hits + 1 RETURNING bucket, hits",
+            *(value for window in windows for value in window),
+        )
+        return {row["bucket"]: int(row["hits"]) for row in rows}
 
     async def purge_expired(self, now_ms: int) -> int:
         """Delete finished windows; returns how many."""

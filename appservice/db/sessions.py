@@ -57,7 +57,7 @@ class SessionStore:
         self, medium: str, address: str, client_secret: str
     ) -> ValidationSession | None:
         """The session of one (medium, address, client_secret)."""
-        row = await self._db.fetchrow(
+        row = await self._db.read_row(
             f"SELECT {_COLUMNS} FROM validation_sessions"
             " WHERE medium = $1 AND address = $2 AND client_secret = $3",
             medium,
@@ -68,7 +68,7 @@ class SessionStore:
 
     async def by_sid(self, sid: str) -> ValidationSession | None:
         """A session by id."""
-        row = await self._db.fetchrow(
+        row = await self._db.read_row(
             f"SELECT {_COLUMNS} FROM validation_sessions WHERE sid = $1", sid
         )
         return _session(row) if row else None

@@ -155,11 +155,15 @@ class SessionService:
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
-        await self._ratelimiter.hit(
-            "request_token_ip", requester_ip, self._limits.request_token_per_ip
-        )
-        await self._ratelimiter.hit(
-            "request_token_address", f"{medium}:{address}", self._limits.request_token_per_address
+        await self._ratelimiter.hit_all(
+            [
+                ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
+                (
+                    "request_token_address",
+                    f"{medium}:{address}",
+                    self._limits.request_token_per_address,
+                ),
+            ]
         )
         now = self._clock.now_ms()
         if existing is None:
