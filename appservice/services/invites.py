@@ -130,7 +130,8 @@ class InviteService:
         ephemeral = nacl.signing.SigningKey.generate()
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
         invite = Invite(
-            id=secrets.token_urlsafe(12),
+            # Hex: an id never starts with "-", which a command line would take for an option.
+            id=secrets.token_hex(12),
             token=secrets.token_urlsafe(32),
             medium="email",
             address=address,
