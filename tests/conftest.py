@@ -15,6 +15,9 @@ import pytest
 
 from tests.support.homeserver import FakeHomeserver
 
+# The running identity server (``api`` and its doubles) for every test folder.
+pytest_plugins = ["tests.support.api_server"]
+
 T = TypeVar("T")
 
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -8,7 +8,7 @@ from appservice.app import IdentityServer
 from appservice.clock import FakeClock
 from appservice.errors import MatrixError
 from appservice.services.accounts import TOKEN_CACHE_TTL_S
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 REGISTER = "/_matrix/identity/v2/account/register"
 ACCOUNT = "/_matrix/identity/v2/account"

@@ -7,8 +7,8 @@ import signedjson.key
 import signedjson.sign
 
 from appservice.crypto.hashing import lookup_hash
-from tests.api.conftest import Api
 from tests.api.test_validation import EMAIL_SUBMIT, link_from_mail, request_email
+from tests.support.api_server import Api
 
 V2 = "/_matrix/identity/v2"
 BIND = f"{V2}/3pid/bind"

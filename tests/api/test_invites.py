@@ -16,8 +16,8 @@ from unpaddedbase64 import encode_base64
 from appservice.clock import FakeClock
 from appservice.db.invites import BOUND, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, OutboxEntry, OutboxStore
-from tests.api.conftest import Api
 from tests.api.test_bind import BIND, lookup, validated_session
+from tests.support.api_server import Api
 
 V2 = "/_matrix/identity/v2"
 STORE_INVITE = f"{V2}/store-invite"

@@ -7,7 +7,7 @@ import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import decode_base64
 
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 V2 = "/_matrix/identity/v2"
 V1 = "/_matrix/identity/api/v1"

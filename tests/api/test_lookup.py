@@ -7,7 +7,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from appservice.app import IdentityServer
 from appservice.clock import FakeClock
 from appservice.crypto.hashing import lookup_hash
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 HASH_DETAILS = "/_matrix/identity/v2/hash_details"
 LOOKUP = "/_matrix/identity/v2/lookup"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 
 async def test_versions_lists_spec_versions(api: Api) -> None:

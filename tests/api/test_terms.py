@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from appservice.app import IdentityServer
 from appservice.clock import FakeClock
 from appservice.config import PolicyConfig, PolicyDocument, TermsConfig
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 TERMS = "/_matrix/identity/v2/terms"
 PRIVACY_EN = "https://example.org/privacy-1.0-en.html"

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from appservice.clock import FakeClock
-from tests.api.conftest import Api
+from tests.support.api_server import Api
 
 V2 = "/_matrix/identity/v2"
 EMAIL_REQUEST = f"{V2}/validate/email/requestToken"

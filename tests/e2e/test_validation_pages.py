@@ -18,18 +18,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-# The identity-server fixtures live in tests/api/conftest.py; importing them here makes them
-# visible to this module.
-from tests.api.conftest import (  # noqa: F401
-    Api,
-    api,
-    clock,
-    config_yaml,
-    signing_homeserver,
-    smtp_sink,
-    twilio,
-)
 from tests.api.test_validation import EMAIL_SUBMIT, request_email
+from tests.support.api_server import Api
 from tests.support.browser import render_page
 
 # Browser runs are slow and database-independent: SQLite only.
@@ -41,7 +31,7 @@ pytestmark = [
 LINK = re.compile(r"https://id\.test(/_matrix/identity/v2/validate/email/submitToken\?\S+)")
 
 
-async def _mailed_link(api: Api) -> tuple[str, dict[str, str]]:  # noqa: F811
+async def _mailed_link(api: Api) -> tuple[str, dict[str, str]]:
     """Ask for an email validation and read the link from the mail the SMTP sink received.
 
     Returns the link's path and query exactly as mailed, and its parsed parameters.
@@ -60,7 +50,7 @@ async def _mailed_link(api: Api) -> tuple[str, dict[str, str]]:  # noqa: F811
     return path_and_query, params
 
 
-def _local_url(api: Api, path_and_query: str) -> str:  # noqa: F811
+def _local_url(api: Api, path_and_query: str) -> str:
     """The mailed link (``https://id.test/...``) pointed at the test server on loopback."""
     base = str(api.client.make_url("/")).rstrip("/")
     return base + path_and_query
@@ -72,7 +62,7 @@ def _text(dom: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", no_style)).split())
 
 
-async def test_link_from_mail_shows_success_page(api: Api, artifacts_dir: Path) -> None:  # noqa: F811
+async def test_link_from_mail_shows_success_page(api: Api, artifacts_dir: Path) -> None:
     path_and_query, params = await _mailed_link(api)
     screenshot = artifacts_dir / "validation_success.png"
 
@@ -98,7 +88,7 @@ async def test_link_from_mail_shows_success_page(api: Api, artifacts_dir: Path) 
     assert body["address"] == "alice@example.com"
 
 
-async def test_wrong_token_shows_failure_page(api: Api, artifacts_dir: Path) -> None:  # noqa: F811
+async def test_wrong_token_shows_failure_page(api: Api, artifacts_dir: Path) -> None:
     _, params = await _mailed_link(api)
     bad = dict(params, token="wrong")
     url = str(api.client.make_url(EMAIL_SUBMIT)) + "?" + urlencode(bad)

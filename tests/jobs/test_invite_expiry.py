@@ -13,8 +13,6 @@ import pytest
 
 from appservice.clock import FakeClock
 from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
-from tests.api import conftest as api_fixtures
-from tests.api.conftest import Api
 from tests.api.test_bind import BIND, lookup, validated_session
 from tests.api.test_invites import (
     EPHEMERAL_ISVALID,
@@ -27,13 +25,9 @@ from tests.api.test_invites import (
     stop_background_jobs,
     verify_server_signature,
 )
+from tests.support.api_server import Api
 
 # The API tests' server (both databases) with its fake homeserver, SMTP sink and clock.
-api = api_fixtures.api
-clock = api_fixtures.clock
-smtp_sink = api_fixtures.smtp_sink
-twilio = api_fixtures.twilio
-signing_homeserver = api_fixtures.signing_homeserver
 
 EXPIRED_USER = "@_identity_invite_expired:hs.test"
 AFTER_S = 3600

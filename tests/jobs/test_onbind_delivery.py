@@ -18,17 +18,10 @@ from appservice.db.invites import Invite
 from appservice.db.outbox import DELIVERED, FAILED, PENDING, OutboxStore
 from appservice.federation.client import FederationClient
 from appservice.services.delivery import OnbindDelivery
-from tests.api import conftest as api_fixtures
-from tests.api.conftest import Api
 from tests.api.test_invites import invite, invite_state, outbox_of, stop_background_jobs
+from tests.support.api_server import Api
 
 # The API tests' server (both databases) with its fake homeserver, SMTP sink and clock.
-api = api_fixtures.api
-clock = api_fixtures.clock
-config_yaml = api_fixtures.config_yaml
-smtp_sink = api_fixtures.smtp_sink
-twilio = api_fixtures.twilio
-signing_homeserver = api_fixtures.signing_homeserver
 
 
 @pytest.fixture(autouse=True)

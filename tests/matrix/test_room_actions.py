@@ -13,31 +13,15 @@ from mautrix.types import UserID
 from appservice.clock import FakeClock
 from appservice.db.appservice import DONE, FAILED, LEAVE, PENDING, REJECT, RoomAction
 from appservice.matrix.actions import GIVE_UP_AFTER_S, RETRY_INITIAL_S, RoomActionWorker
-from tests.api import conftest as api_fixtures
-from tests.api.conftest import Api
 from tests.api.test_invites import ROOM
-from tests.matrix import test_appservice_transactions as as_fixtures
-from tests.matrix.test_appservice_transactions import (
+from tests.matrix.conftest import (
     EXPIRED_USER,
     HomeserverSide,
     actions_of,
     member_event,
 )
+from tests.support.api_server import Api
 from tests.support.client_api import FakeClientApi, no_such_room, not_in_room, not_invited
-
-# The API tests' server (both databases) with the appservice enabled, its homeserver being the
-# fake client API.
-api = api_fixtures.api
-clock = api_fixtures.clock
-smtp_sink = api_fixtures.smtp_sink
-twilio = api_fixtures.twilio
-signing_homeserver = api_fixtures.signing_homeserver
-client_api = as_fixtures.client_api
-homeserver_down = as_fixtures.homeserver_down
-appservice_extra = as_fixtures.appservice_extra
-config_yaml = as_fixtures.config_yaml
-homeserver_side = as_fixtures.homeserver_side
-quiet = as_fixtures.quiet
 
 BOT = "@_identity_bot:hs.test"
 NOTICE_MODE = pytest.mark.parametrize("appservice_extra", [{"post_notice": True}])

@@ -1,4 +1,5 @@
-"""A running identity server (both databases) with an HTTP test client."""
+"""A running identity server (both databases) with an HTTP test client: the ``api`` fixture and
+the doubles around it (SMTP sink, Twilio, homeservers, clock), for every test folder."""
 
 from __future__ import annotations
 
