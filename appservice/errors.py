@@ -33,11 +33,6 @@ class MatrixError(Exception):
         return {"errcode": self.errcode, "error": self.error, **self.extra}
 
 
-def unrecognized(error: str = "Unrecognized request") -> MatrixError:
-    """404 M_UNRECOGNIZED: unknown endpoint."""
-    return MatrixError(404, "M_UNRECOGNIZED", error)
-
-
 def missing_params(*names: str) -> MatrixError:
     """400 M_MISSING_PARAMS naming the missing parameters."""
     return MatrixError(400, "M_MISSING_PARAMS", "Missing parameters: " + ", ".join(names))

@@ -71,9 +71,3 @@ def user_id_server(user_id: str) -> str | None:
     if not sep or not server or not localpart or not all("!" <= c <= "~" for c in localpart):
         return None
     return server
-
-
-def obfuscate_email(address: str) -> str:
-    """A display form that does not reveal the address: ``a…@e…``."""
-    local, _, domain = address.partition("@")
-    return f"{local[:1]}…@{domain[:1]}…" if domain else f"{local[:1]}…"

@@ -65,11 +65,6 @@ class KeyRing:
         """The key used for new signatures."""
         return _public(self._keys[0])
 
-    @property
-    def all_keys(self) -> list[PublicKey]:
-        """Every key in the file, current first."""
-        return [_public(k) for k in self._keys]
-
     def sign(self, obj: dict[str, Any], server_name: str) -> dict[str, Any]:
         """A signed copy of ``obj`` (Matrix "Signing JSON"); floats are refused."""
         if _contains_float(obj):

@@ -80,14 +80,6 @@ class BindingStore:
         rows = await self._db.read(f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", param)
         return {row["lookup_hash"]: row["mxid"] for row in rows}
 
-    async def by_hashes(self, hashes: Sequence[str]) -> list[Binding]:
-        """The bindings whose lookup hash is among ``hashes``."""
-        if not hashes:
-            return []
-        clause, param = self._hash_filter(hashes)
-        rows = await self._db.fetch(f"SELECT {_COLUMNS} FROM bindings WHERE {clause}", param)
-        return [_binding(row) for row in rows]
-
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
         """Remove the binding of a 3PID to ``mxid``; False when there was none."""
         row = await self._db.fetchrow(

@@ -76,14 +76,11 @@ class LookupService:
             found = await self._bindings.mxids_by_hash(list(dict.fromkeys(addresses)))
             return {a: found[a] for a in addresses if a in found}
         # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
-        by_hash: dict[str, list[str]] = {}
+        plain: dict[Any, tuple[str, str]] = {}
         for entry in addresses:
             address, _, medium = entry.rpartition(" ")
-            canonical = canonical_address(medium, address) if medium in MEDIUMS else None
-            if canonical is not None:
-                by_hash.setdefault(self.hash_of(medium, canonical), []).append(entry)
-        found = await self._bindings.mxids_by_hash(list(by_hash))
-        return {entry: mxid for h, mxid in found.items() for entry in by_hash[h]}
+            plain[entry] = (medium, address)
+        return dict(await self._find_plain(plain))
 
     def signed_association(self, binding: Binding) -> dict[str, Any]:
         """A binding as the signed association object of the spec."""
@@ -115,12 +112,16 @@ class LookupService:
             raise invalid_param(
                 f"Too many 3PIDs: {len(threepids)} (at most {self._config.max_addresses})"
             )
-        wanted: dict[str, list[tuple[str, str]]] = {}
-        for medium, address in threepids:
+        found = await self._find_plain(dict(enumerate(threepids)))
+        return [[*threepids[i], mxid] for i, mxid in found]
+
+    async def _find_plain(self, threepids: dict[Any, tuple[str, str]]) -> list[tuple[Any, str]]:
+        """(key, mxid) for each key whose (medium, address) is bound; addresses are
+        canonicalised and hashed here, so plain lookups use the same index as hashed ones."""
+        by_hash: dict[str, list[Any]] = {}
+        for key, (medium, address) in threepids.items():
             canonical = canonical_address(medium, address) if medium in MEDIUMS else None
             if canonical is not None:
-                wanted.setdefault(self.hash_of(medium, canonical), []).append((medium, address))
-        found = await self._bindings.mxids_by_hash(list(wanted))
-        return [
-            [medium, address, mxid] for h, mxid in found.items() for medium, address in wanted[h]
-        ]
+                by_hash.setdefault(self.hash_of(medium, canonical), []).append(key)
+        found = await self._bindings.mxids_by_hash(list(by_hash))
+        return [(key, mxid) for h, mxid in found.items() for key in by_hash[h]]
