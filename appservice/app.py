@@ -120,10 +120,12 @@ class IdentityServer:
             config.ratelimits,
             self.clock,
         )
+        invite_store = InviteStore(self.db)
+        outbox = OutboxStore(self.db)
         self.invites = InviteService(
             self.db,
-            InviteStore(self.db),
-            OutboxStore(self.db),
+            invite_store,
+            outbox,
             self.bindings,
             self.keyring,
             self.generator,
@@ -137,7 +139,14 @@ class IdentityServer:
             clock=self.clock,
         )
         delivery = config.invites.delivery
-        self.delivery = OnbindDelivery(OutboxStore(self.db), self.federation, delivery, self.clock)
+        self.delivery = OnbindDelivery(
+            outbox,
+            self.federation,
+            delivery,
+            self.clock,
+            # The claim on a row must outlast an attempt, whose length is the request timeout.
+            request_timeout_s=float(config.federation.timeout),
+        )
         self.delivery_job = PeriodicJob(
             "onbind-delivery", float(delivery.poll_interval), self.delivery.deliver_due
         )
@@ -157,7 +166,7 @@ class IdentityServer:
         self.expired_invites = ExpiredInviteService(
             self.db,
             self.appservice_store,
-            InviteStore(self.db),
+            invite_store,
             self.generator,
             self.clock,
             expired_user_id=self.invites.expired_user_id,
