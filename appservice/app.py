@@ -30,11 +30,13 @@ from appservice.db.ratelimits import RateLimitStore
 from appservice.db.server_state import ServerStateStore
 from appservice.db.sessions import SessionStore
 from appservice.db.signing_keys import SigningKeyStore
+from appservice.db.store_threepids import StoreThreepidStore
 from appservice.db.terms import TermsStore
 from appservice.federation.client import FederationClient
 from appservice.federation.openid import fetch_openid_user
 from appservice.federation.server_keys import ServerKeyFetcher
 from appservice.federation.xmatrix import verify_x_matrix
+from appservice.identity_stores.factory import build_identity_stores
 from appservice.jobs.periodic import PeriodicJob
 from appservice.jobs.purge import purge_expired
 from appservice.matrix.actions import RoomActionWorker
@@ -50,6 +52,7 @@ from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
 from appservice.services.ratelimits import RateLimiter
 from appservice.services.sessions import SessionService
+from appservice.services.store_sync import StoreSyncService
 from appservice.services.terms import TermsService
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class IdentityServer:
             timeout_s=float(fed.timeout),
         )
         self.bindings = BindingStore(self.db)
+        self.stores = build_identity_stores(config)
+        store_copies = StoreThreepidStore(self.db)
         self.accounts = AccountService(
             AccountStore(self.db),
             verify_openid or functools.partial(fetch_openid_user, self.federation),
@@ -98,6 +103,8 @@ class IdentityServer:
             config.server.name,
             config.lookup,
             self.clock,
+            stores=self.stores,
+            copies=store_copies,
         )
         self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
         notifications = config.notifications
@@ -137,6 +144,7 @@ class IdentityServer:
             public_base_url=config.server.public_base_url,
             expired_user_id=config.appservice.expired_user_id,
             clock=self.clock,
+            stores=self.stores,
         )
         delivery = config.invites.delivery
         self.delivery = OnbindDelivery(
@@ -161,6 +169,21 @@ class IdentityServer:
             float(config.invites.resolution_interval),
             self.invites.resolve_bound,
         )
+        self.store_sync = StoreSyncService(
+            self.stores,
+            store_copies,
+            self.lookup.hash_of,
+            lambda: self.lookup.pepper,
+            float(config.stores.sync_interval),
+            self.clock,
+        )
+        # Checked often, so a failed or due sync is picked up soon by whichever instance is free;
+        # each store is copied once per sync_interval (a lease in the database).
+        self.store_sync_job = PeriodicJob(
+            "store-sync", min(60.0, float(config.stores.sync_interval)), self.store_sync.sync_due
+        )
+        # New store entries may resolve pending invites: check at once.
+        self.store_sync.on_changed = self.resolution_job.wake
         self.keys.set_ephemeral_check(self.invites.ephemeral_key_valid)
         self.appservice_store = AppserviceStore(self.db)
         self.expired_invites = ExpiredInviteService(
@@ -201,6 +224,7 @@ class IdentityServer:
             self.delivery_job,
             self.expiry_job,
             self.resolution_job,
+            self.store_sync_job,
         ]
         self._runner: web.AppRunner | None = None
 
@@ -213,6 +237,7 @@ class IdentityServer:
         await self.db.run_locked(PgASStateStore.upgrade_table.upgrade)
         await self.keys.start()
         await self.lookup.start()
+        await self.stores.start()
 
     async def start(self) -> None:
         """Open, then start the background jobs (and the appservice); call before serving."""
@@ -235,6 +260,7 @@ class IdentityServer:
         await self.email.close()
         await self.sms.close()
         await self.federation.close()
+        await self.stores.close()
         await self.db.stop()
 
     async def _start_appservice(self) -> None:

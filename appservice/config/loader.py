@@ -290,6 +290,78 @@ def _validate(config: Config) -> None:
             raise ConfigError(
                 f'listen.trusted_proxies[{i}]: "{network}" is not a network'
             ) from None
+    _validate_stores(config)
+    _validate_invite_policy(config)
     for policy_id, policy in config.terms.policies.items():
         if not policy.languages:
             raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")
+
+
+STORE_NAMES = ("synapse", "ldap", "rest", "static")
+
+
+def _validate_stores(config: Config) -> None:
+    stores = config.stores
+    for i, name in enumerate(stores.order):
+        if name not in STORE_NAMES:
+            raise ConfigError(f'stores.order[{i}]: "{name}" is not one of {", ".join(STORE_NAMES)}')
+        if name in stores.order[:i]:
+            raise ConfigError(f'stores.order[{i}]: "{name}" is listed twice')
+    if stores.sync_interval < 1:
+        raise ConfigError("stores.sync_interval: must be at least 1s")
+    if "synapse" in stores.order:
+        synapse = stores.synapse
+        url = synapse.database_url
+        if not (url.startswith("sqlite:") or url.startswith(("postgres://", "postgresql://"))):
+            raise ConfigError(
+                f'stores.synapse.database_url: "{url}" is not a sqlite: or postgres:// URL'
+            )
+        if url.startswith("sqlite:") and not url.removeprefix("sqlite:").startswith("/"):
+            raise ConfigError(
+                f'stores.synapse.database_url: "{url}" needs an absolute path (sqlite:/path)'
+            )
+        if synapse.threepids not in ("all", "bound"):
+            raise ConfigError(
+                f'stores.synapse.threepids: "{synapse.threepids}" is not all or bound'
+            )
+        if synapse.id_server and synapse.threepids != "bound":
+            raise ConfigError("stores.synapse.id_server: only used with threepids: bound")
+    if "ldap" in stores.order:
+        ldap = stores.ldap
+        if not ldap.uri.startswith(("ldap://", "ldaps://")):
+            raise ConfigError(f'stores.ldap.uri: "{ldap.uri}" is not an ldap:// or ldaps:// URI')
+        if not ldap.base_dn:
+            raise ConfigError("stores.ldap.base_dn: required with the ldap store")
+        if not ldap.localpart_attributes:
+            raise ConfigError("stores.ldap.localpart_attributes: at least one attribute")
+    if "rest" in stores.order:
+        rest = stores.rest
+        url = rest.base_url
+        if not url.startswith(("http://", "https://")) or "?" in url or "#" in url:
+            raise ConfigError(f'stores.rest.base_url: "{url}" is not an http(s) URL')
+        if not all("!" <= c <= "~" for c in rest.token):
+            raise ConfigError("stores.rest.token: only printable ASCII without spaces")
+        if rest.timeout <= 0:
+            raise ConfigError("stores.rest.timeout: must be more than 0s")
+    for i, entry in enumerate(stores.static.threepids):
+        if entry.medium not in ("email", "msisdn"):
+            raise ConfigError(
+                f'stores.static.threepids[{i}].medium: "{entry.medium}" is not email or msisdn'
+            )
+        if not (entry.mxid.startswith("@") and ":" in entry.mxid):
+            raise ConfigError(
+                f'stores.static.threepids[{i}].mxid: "{entry.mxid}" is not a Matrix user ID'
+            )
+
+
+def _validate_invite_policy(config: Config) -> None:
+    policy = config.invites.policy
+    for i, pattern in enumerate(policy.allowed_senders):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(
+                f'invites.policy.allowed_senders[{i}]: "{pattern}" is not a regular expression ({e})'
+            ) from None
+    if policy.max_per_day < 0:
+        raise ConfigError("invites.policy.max_per_day: must not be negative")

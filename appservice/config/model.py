@@ -210,6 +210,28 @@ class RedactionConfig:
 
 
 @dataclass(frozen=True)
+class InvitePolicyConfig:
+    """Who may invite by email, enforced by the invite proxy (see README, "Invite policy").
+
+    Nothing configured here: every 3PID invite is allowed. With ``roles`` or
+    ``allowed_senders`` set, a sender needs one of the roles or a matching user ID.
+    """
+
+    # Roles (from the identity stores: LDAP groups, the Synapse admin flag, static roles) of
+    # which a sender needs one to invite by email.
+    roles: tuple[str, ...] = ()
+    # User ID patterns (Python regular expressions matching the whole ID) allowed regardless of
+    # roles, e.g. "@.*:example\\.org".
+    allowed_senders: tuple[str, ...] = ()
+    # 3PID invites per sender per day through the proxy; 0: no limit.
+    max_per_day: int = 0
+    # Invitee email domains (and their subdomains) that may be invited; empty: any domain.
+    allowed_domains: tuple[str, ...] = ()
+    # Invitee email domains (and their subdomains) that may never be invited.
+    denied_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class InvitesConfig:
     """3PID invites: store-invite, delivery on bind, expiry."""
 
@@ -222,6 +244,114 @@ class InvitesConfig:
     # How often pending invites are checked against the bindings (and identity stores), so a
     # binding that arrived another way still resolves them.
     resolution_interval: Duration = Duration(300)  # noqa: RUF009 (an immutable float)
+    policy: InvitePolicyConfig = field(default_factory=InvitePolicyConfig)
+
+
+@dataclass(frozen=True)
+class StaticThreepid:
+    """One 3PID listed in the static store."""
+
+    medium: str
+    address: str
+    mxid: str
+
+
+@dataclass(frozen=True)
+class StaticStoreConfig:
+    """The ``static`` store: mappings and roles listed here (small setups, tests)."""
+
+    threepids: tuple[StaticThreepid, ...] = ()
+    # Matrix ID -> its roles, e.g. {"@alice:example.org": ["inviters"]}.
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SynapseStoreConfig:
+    """The ``synapse`` store: 3PIDs of local users, read from Synapse's own database."""
+
+    # Synapse's database, read only: postgresql://user@host/synapse or sqlite:/path/homeserver.db.
+    database_url: str = ""
+    # Which 3PIDs count: "all" the user added to their account, or only those "bound" to an
+    # identity server (Synapse's user_threepid_id_server table).
+    threepids: str = "all"
+    # With threepids: bound, only bindings to this identity server name; empty: to any.
+    id_server: str = ""
+    # The role given to Synapse server admins (for the invite policy); empty: none.
+    admin_role: str = "admin"
+    # The homeserver's server name (the domain of its user IDs); empty: appservice.homeserver_domain.
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class LdapStoreConfig:
+    """The ``ldap`` store: people in an LDAP directory or Active Directory (ldap3)."""
+
+    # ldap://host:389 or ldaps://host:636 (ldaps is TLS from the start).
+    uri: str = "ldap://localhost:389"
+    # Upgrade an ldap:// connection with StartTLS.
+    start_tls: bool = False
+    # CA certificates to verify the directory's TLS certificate with; empty: the system's.
+    ca_file: str | None = path_field(None)
+    # Simple bind; both empty: anonymous.
+    bind_dn: str = ""
+    bind_password: str = ""
+    # Where people are searched.
+    base_dn: str = ""
+    # Which entries are people (suits OpenLDAP's inetOrgPerson and Active Directory users).
+    user_filter: str = "(|(objectClass=inetOrgPerson)(&(objectCategory=person)(objectClass=user)))"
+    # Attributes holding the Matrix localpart; the first one an entry has is used (uid for
+    # OpenLDAP, sAMAccountName for Active Directory).
+    localpart_attributes: tuple[str, ...] = ("uid", "sAMAccountName")
+    # Attributes holding email addresses and phone numbers.
+    mail_attributes: tuple[str, ...] = ("mail",)
+    phone_attributes: tuple[str, ...] = ("telephoneNumber", "mobile")
+    # Phone numbers written without +country code are read in this region (e.g. "DE"); empty:
+    # such numbers are skipped.
+    default_region: str = ""
+    # The attribute listing an entry's groups (memberOf, on AD and OpenLDAP's memberof overlay),
+    # and the attribute of the group's DN whose value is the role name.
+    group_attribute: str = "memberOf"
+    group_role_attribute: str = "cn"
+    # Also find groups by searching here for groups with a member/uniqueMember naming the person
+    # (for directories without memberOf); empty: only group_attribute.
+    group_base_dn: str = ""
+    group_filter: str = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
+    # The homeserver's server name for the user IDs; empty: appservice.homeserver_domain.
+    server_name: str = ""
+    timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class RestStoreConfig:
+    """The ``rest`` store: a custom backend speaking the JSON contract in README."""
+
+    # Base URL of the backend, e.g. https://directory.example.org/matrix-identity.
+    base_url: str = ""
+    # Sent as "Authorization: Bearer <token>" when set.
+    token: str = ""
+    # The backend also answers GET <base_url>/threepids (all entries, paged), so its entries are
+    # mirrored and hashed lookups find them.
+    listable: bool = False
+    # The backend also answers POST <base_url>/roles (for the invite policy).
+    roles: bool = False
+    # How long one request to the backend may take in all; a backend that does not answer in
+    # time counts as failed for that lookup (the next store is asked).
+    timeout: Duration = Duration(5)  # noqa: RUF009 (an immutable float)
+
+
+@dataclass(frozen=True)
+class StoresConfig:
+    """Identity stores: where lookups and invite resolution find people besides our bindings."""
+
+    # The stores in use, in priority order (the first that knows a 3PID wins), from synapse,
+    # ldap, rest, static. Our own bindings always come first. Empty: bindings only.
+    order: tuple[str, ...] = ()
+    # How often listable stores are copied (with lookup hashes) for hashed lookups.
+    sync_interval: Duration = Duration(300)  # noqa: RUF009 (an immutable float)
+    synapse: SynapseStoreConfig = field(default_factory=SynapseStoreConfig)
+    ldap: LdapStoreConfig = field(default_factory=LdapStoreConfig)
+    rest: RestStoreConfig = field(default_factory=RestStoreConfig)
+    static: StaticStoreConfig = field(default_factory=StaticStoreConfig)
 
 
 @dataclass(frozen=True)
@@ -359,6 +489,7 @@ class Config:
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     terms: TermsConfig = field(default_factory=TermsConfig)
     lookup: LookupConfig = field(default_factory=LookupConfig)
+    stores: StoresConfig = field(default_factory=StoresConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     ratelimits: RateLimitsConfig = field(default_factory=RateLimitsConfig)

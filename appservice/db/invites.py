@@ -147,6 +147,39 @@ class InviteStore:
         )
         return [(_invite(row), row["bound_mxid"]) for row in rows]
 
+    async def pending_with_store_entry(self, limit: int) -> list[tuple[Invite, str, str]]:
+        """Pending invites whose 3PID a copied identity store knows: (invite, store, mxid), one
+        row per store that knows it."""
+        columns = ", ".join(f"i.{c.strip()}" for c in _COLUMNS.split(","))
+        rows = await self._db.fetch(
+            f"SELECT {columns}, s.store AS store, s.mxid AS store_mxid FROM invites i"
+            " JOIN store_threepids s ON s.medium = i.medium AND s.address = i.address"
+            " WHERE i.state = $1 ORDER BY i.created_ts, i.id LIMIT $2",
+            PENDING,
+            limit,
+        )
+        return [(_invite(row), row["store"], row["store_mxid"]) for row in rows]
+
+    async def pending_page(self, after: tuple[int, str] | None, limit: int) -> list[Invite]:
+        """Pending invites in creation order, after the (created_ts, id) of the previous page."""
+        if after is None:
+            rows = await self._db.fetch(
+                f"SELECT {_COLUMNS} FROM invites WHERE state = $1 ORDER BY created_ts, id LIMIT $2",
+                PENDING,
+                limit,
+            )
+        else:
+            rows = await self._db.fetch(
+                f"SELECT {_COLUMNS} FROM invites WHERE state = $1"
+                " AND (created_ts > $2 OR (created_ts = $2 AND id > $3))"
+                " ORDER BY created_ts, id LIMIT $4",
+                PENDING,
+                after[0],
+                after[1],
+                limit,
+            )
+        return [_invite(row) for row in rows]
+
     async def has_pending_key(self, public_key: str) -> bool:
         """Whether ``public_key`` is the ephemeral key of a pending invite."""
         value = await self._db.fetchval(

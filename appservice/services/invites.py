@@ -24,6 +24,7 @@ from appservice.db.database import AppDatabase
 from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import OutboxStore
 from appservice.errors import MatrixError, forbidden, invalid_param
+from appservice.identity_stores import IdentityStores
 from appservice.notifications.connectors import EmailConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
@@ -84,8 +85,10 @@ class InviteService:
         public_base_url: str,
         expired_user_id: str,
         clock: Clock,
+        stores: IdentityStores | None = None,
     ) -> None:
         self._db = db
+        self._stores = stores or IdentityStores(())
         self._invites = invites
         self._outbox = outbox
         self._bindings = bindings
@@ -291,7 +294,8 @@ class InviteService:
         return done
 
     async def resolve_bound(self) -> int:
-        """Resolve pending invites whose 3PID is bound by now (however it got bound)."""
+        """Resolve pending invites whose 3PID is bound by now (however it got bound), or known
+        to an identity store: bindings first, then the stores in their configured order."""
         resolved = 0
         while True:
             batch = await self._invites.pending_with_binding(_BATCH)
@@ -302,9 +306,47 @@ class InviteService:
             resolved += progress
             if len(batch) < _BATCH or progress == 0:
                 break
+        if self._stores.listable:
+            resolved += await self._resolve_from_copies()
+        if self._stores.live:
+            resolved += await self._resolve_from_live_stores()
         if resolved:
             self.notify_queued()
         return resolved
+
+    async def _resolve_from_copies(self) -> int:
+        resolved = 0
+        order = self._stores.order
+        while True:
+            rows = await self._invites.pending_with_store_entry(_BATCH)
+            best: dict[str, tuple[int, Invite, str]] = {}
+            for invite, store, mxid in rows:
+                rank = order.get(store)
+                if rank is not None and (invite.id not in best or rank < best[invite.id][0]):
+                    best[invite.id] = (rank, invite, mxid)
+            progress = 0
+            for _, invite, mxid in best.values():
+                if user_id_server(mxid) is not None and await self._resolve(invite, BOUND, mxid):
+                    progress += 1
+            resolved += progress
+            if len(rows) < _BATCH or progress == 0:
+                return resolved
+
+    async def _resolve_from_live_stores(self) -> int:
+        resolved = 0
+        after: tuple[int, str] | None = None
+        while True:
+            page = await self._invites.pending_page(after, _BATCH)
+            if not page:
+                return resolved
+            found = await self._stores.find_live([(i.medium, i.address) for i in page])
+            for invite in page:
+                mxid = found.get((invite.medium, invite.address))
+                if mxid is not None and user_id_server(mxid) is not None:
+                    resolved += await self._resolve(invite, BOUND, mxid)
+            if len(page) < _BATCH:
+                return resolved
+            after = (page[-1].created_ts, page[-1].id)
 
     async def retry(self, invite_id: str) -> int:
         """Make an invite's undelivered notifications due again (admin command)."""

@@ -11,14 +11,24 @@ from appservice.crypto.hashing import lookup_hash, new_pepper
 from appservice.crypto.signing import KeyRing
 from appservice.db.bindings import Binding, BindingStore
 from appservice.db.server_state import ServerStateStore
+from appservice.db.store_threepids import StoreMatch, StoreThreepidStore
 from appservice.errors import MatrixError, invalid_param
+from appservice.identity_stores import IdentityStores, Threepid
 from appservice.threepid import MEDIUMS, canonical_address
 
 PEPPER_KEY = "lookup_pepper"
+# How long a signed association from an identity store is declared valid (v1 lookups): stores
+# change without telling us, so it is short.
+STORE_ASSOCIATION_VALIDITY_MS = 24 * 3600 * 1000
 
 
 class LookupService:
-    """Answers lookups from the bindings table through its lookup-hash index."""
+    """Answers lookups from the bindings table, then from the identity stores in their order.
+
+    Every lookup goes through lookup hashes: the bindings' index first, then the copy of the
+    listable stores (``store_threepids``) for the hashes still unknown; plain-text lookups also
+    ask the stores that cannot be listed.
+    """
 
     def __init__(
         self,
@@ -28,8 +38,12 @@ class LookupService:
         server_name: str,
         config: LookupConfig,
         clock: Clock,
+        stores: IdentityStores | None = None,
+        copies: StoreThreepidStore | None = None,
     ) -> None:
         self._bindings = bindings
+        self._stores = stores or IdentityStores(())
+        self._copies = copies
         self._state = state
         self._keyring = keyring
         self._server_name = server_name
@@ -73,7 +87,7 @@ class LookupService:
                 f"Too many addresses: {len(addresses)} (at most {self._config.max_addresses})"
             )
         if algorithm == "sha256":
-            found = await self._bindings.mxids_by_hash(list(dict.fromkeys(addresses)))
+            found = await self._mxids_by_hash(list(dict.fromkeys(addresses)))
             return {a: found[a] for a in addresses if a in found}
         # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
         plain: dict[Any, tuple[str, str]] = {}
@@ -101,10 +115,25 @@ class LookupService:
         canonical = canonical_address(medium, address) if medium in MEDIUMS else None
         if canonical is None:
             return {}
+        now = self._clock.now_ms()
         binding = await self._bindings.get(medium, canonical)
-        if binding is None or not binding.not_before <= self._clock.now_ms() < binding.not_after:
-            return {}
-        return self.signed_association(binding)
+        if binding is not None and binding.not_before <= now < binding.not_after:
+            return self.signed_association(binding)
+        if binding is None:
+            found = await self._find_plain({0: (medium, canonical)})
+            if found:
+                # An identity store's answer, signed like a binding but valid only briefly.
+                return self.signed_association(
+                    Binding(
+                        medium,
+                        canonical,
+                        found[0][1],
+                        now,
+                        now,
+                        now + STORE_ASSOCIATION_VALIDITY_MS,
+                    )
+                )
+        return {}
 
     async def bulk_lookup(self, threepids: Sequence[tuple[str, str]]) -> list[list[str]]:
         """Legacy v1 ``POST /bulk_lookup``: ``[medium, address, mxid]`` for each bound 3PID."""
@@ -119,9 +148,37 @@ class LookupService:
         """(key, mxid) for each key whose (medium, address) is bound; addresses are
         canonicalised and hashed here, so plain lookups use the same index as hashed ones."""
         by_hash: dict[str, list[Any]] = {}
+        canonical_of: dict[str, Threepid] = {}
         for key, (medium, address) in threepids.items():
             canonical = canonical_address(medium, address) if medium in MEDIUMS else None
             if canonical is not None:
-                by_hash.setdefault(self.hash_of(medium, canonical), []).append(key)
-        found = await self._bindings.mxids_by_hash(list(by_hash))
+                h = self.hash_of(medium, canonical)
+                by_hash.setdefault(h, []).append(key)
+                canonical_of[h] = (medium, canonical)
+        found = await self._mxids_by_hash(list(by_hash))
+        if self._stores.live and len(found) < len(by_hash):
+            missing = {canonical_of[h]: h for h in by_hash if h not in found}
+            for threepid, mxid in (await self._stores.find_live(list(missing))).items():
+                found[missing[threepid]] = mxid
         return [(key, mxid) for h, mxid in found.items() for key in by_hash[h]]
+
+    async def _mxids_by_hash(self, hashes: list[str]) -> dict[str, str]:
+        """Bindings first; the hashes they do not know, from the copied stores, in order."""
+        found = await self._bindings.mxids_by_hash(hashes)
+        if self._copies is None or not self._stores.listable or len(found) == len(hashes):
+            return found
+        missing = [h for h in hashes if h not in found]
+        found.update(self._first_by_order(await self._copies.matches_by_hash(missing)))
+        return found
+
+    def _first_by_order(self, matches: list[StoreMatch]) -> dict[str, str]:
+        """For each hash, the Matrix ID from the first store in ``stores.order`` that has it."""
+        order = self._stores.order
+        best: dict[str, tuple[int, str]] = {}
+        for match in matches:
+            rank = order.get(match.store)
+            if rank is not None and (
+                match.lookup_hash not in best or rank < best[match.lookup_hash][0]
+            ):
+                best[match.lookup_hash] = (rank, match.mxid)
+        return {h: mxid for h, (_, mxid) in best.items()}

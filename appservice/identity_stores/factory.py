@@ -1,0 +1,17 @@
+"""Builds the configured identity stores (``stores.order``)."""
+
+from __future__ import annotations
+
+from appservice.config import Config
+from appservice.identity_stores import IdentityStores
+from appservice.identity_stores.base import IdentityStore
+from appservice.identity_stores.static import StaticStore
+
+
+def build_identity_stores(config: Config) -> IdentityStores:
+    """The stores named in ``stores.order``, in that order (not yet started)."""
+    stores: list[IdentityStore] = []
+    for name in config.stores.order:
+        if name == "static":
+            stores.append(StaticStore(config.stores.static))
+    return IdentityStores(stores)
