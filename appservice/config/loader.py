@@ -361,7 +361,8 @@ def _validate_invite_policy(config: Config) -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(
-                f'invites.policy.allowed_senders[{i}]: "{pattern}" is not a regular expression ({e})'
+                f'invites.policy.allowed_senders[{i}]: "{pattern}" is not a regular '
+                f"expression ({e})"
             ) from None
     if policy.max_per_day < 0:
         raise ConfigError("invites.policy.max_per_day: must not be negative")

@@ -128,6 +128,9 @@ class StoreThreepidStore:
         self, store: str, now_ms: int, pepper: str | None, entries: int | None, error: str | None
     ) -> None:
         """Record a finished sync and release the lease; a failed one keeps pepper and count."""
+        await self._db.execute(
+            "INSERT INTO store_sync (store) VALUES ($1) ON CONFLICT (store) DO NOTHING", store
+        )
         if error is None:
             await self._db.execute(
                 "UPDATE store_sync SET synced_ts = $2, pepper = $3, entries = $4,"

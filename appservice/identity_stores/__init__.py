@@ -41,7 +41,7 @@ class IdentityStores:
         for store in self.all:
             try:
                 await store.close()
-            except Exception:  # noqa: BLE001 (closing must go on with the others)
+            except Exception:
                 log.exception("closing the %s store failed", store.name)
 
     async def find_live(self, threepids: Sequence[Threepid]) -> dict[Threepid, str]:

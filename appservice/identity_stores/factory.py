@@ -5,6 +5,7 @@ from __future__ import annotations
 from appservice.config import Config
 from appservice.identity_stores import IdentityStores
 from appservice.identity_stores.base import IdentityStore
+from appservice.identity_stores.rest import RestStore
 from appservice.identity_stores.static import StaticStore
 
 
@@ -14,4 +15,6 @@ def build_identity_stores(config: Config) -> IdentityStores:
     for name in config.stores.order:
         if name == "static":
             stores.append(StaticStore(config.stores.static))
+        elif name == "rest":
+            stores.append(RestStore(config.stores.rest))
     return IdentityStores(stores)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from appservice.config.model import StaticStoreConfig
 from appservice.config.loader import ConfigError
+from appservice.config.model import StaticStoreConfig
 from appservice.identity_stores.base import StoreEntry, Threepid
 from appservice.threepid import canonical_address
 
