@@ -334,6 +334,25 @@ def _validate_stores(config: Config) -> None:
             raise ConfigError("stores.ldap.base_dn: required with the ldap store")
         if not ldap.localpart_attributes:
             raise ConfigError("stores.ldap.localpart_attributes: at least one attribute")
+        if ldap.start_tls and ldap.uri.startswith("ldaps://"):
+            raise ConfigError("stores.ldap.start_tls: not with an ldaps:// URI (TLS already)")
+        if ldap.bind_dn and not ldap.bind_password:
+            # A simple bind with a DN and no password is an unauthenticated bind that many
+            # servers accept, which would hide a missing password.
+            raise ConfigError("stores.ldap.bind_password: required with bind_dn")
+        from phonenumbers import SUPPORTED_REGIONS  # only needed with the ldap store
+
+        if ldap.default_region and ldap.default_region not in SUPPORTED_REGIONS:
+            raise ConfigError(
+                f'stores.ldap.default_region: "{ldap.default_region}" is not a region code '
+                "such as DE or US"
+            )
+        for key in ("user_filter", "group_filter"):
+            text = getattr(ldap, key)
+            if not (text.startswith("(") and text.endswith(")")):
+                raise ConfigError(f'stores.ldap.{key}: "{text}" is not a parenthesised filter')
+        if ldap.timeout <= 0:
+            raise ConfigError("stores.ldap.timeout: must be more than 0s")
     if "rest" in stores.order:
         rest = stores.rest
         url = rest.base_url

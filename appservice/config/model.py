@@ -278,7 +278,8 @@ class SynapseStoreConfig:
     id_server: str = ""
     # The role given to Synapse server admins (for the invite policy); empty: none.
     admin_role: str = "admin"
-    # The homeserver's server name (the domain of its user IDs); empty: appservice.homeserver_domain.
+    # The homeserver's server name (the domain of its user IDs); empty:
+    # appservice.homeserver_domain.
     server_name: str = ""
 
 

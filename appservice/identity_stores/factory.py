@@ -7,6 +7,7 @@ from appservice.identity_stores import IdentityStores
 from appservice.identity_stores.base import IdentityStore
 from appservice.identity_stores.rest import RestStore
 from appservice.identity_stores.static import StaticStore
+from appservice.identity_stores.synapse import SynapseStore
 
 
 def build_identity_stores(config: Config) -> IdentityStores:
@@ -17,4 +18,6 @@ def build_identity_stores(config: Config) -> IdentityStores:
             stores.append(StaticStore(config.stores.static))
         elif name == "rest":
             stores.append(RestStore(config.stores.rest))
+        elif name == "synapse":
+            stores.append(SynapseStore(config.stores.synapse, config.appservice.homeserver_domain))
     return IdentityStores(stores)

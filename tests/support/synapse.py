@@ -142,6 +142,42 @@ def ensure_synapse_venv(venv: Path | None = None) -> Path:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_POSTGRES_MARKER_NAME = ".psycopg2-installed"
+
+
+def ensure_synapse_postgres_driver(venv: Path) -> None:
+    """Install ``psycopg2`` (what ``matrix-synapse[postgres]`` adds) into the Synapse venv once,
+    so Synapse can use PostgreSQL; a marker file makes later calls return at once.
+
+    Raises:
+        SynapseError: if pip fails.
+    """
+    venv = venv.resolve()
+    marker = venv / _POSTGRES_MARKER_NAME
+    lock_path = venv.parent / f"{venv.name}.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if marker.exists():
+                return
+            _run_checked(
+                [
+                    str(_venv_python(venv)),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                    f"matrix-synapse[postgres]=={SYNAPSE_VERSION}",
+                ],
+                f"pip install matrix-synapse[postgres]=={SYNAPSE_VERSION}",
+                timeout=PIP_INSTALL_TIMEOUT,
+            )
+            marker.write_text("psycopg2\n")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (found by binding port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
