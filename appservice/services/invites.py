@@ -3,6 +3,7 @@ the onbind notification for the homeserver in the same transaction."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -123,12 +124,15 @@ class InviteService:
             raise invalid_param("sender must be a Matrix user ID")
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
-        bound = await self._bindings.get("email", address)
+        # Both at once (one database round trip less); an attempt for a bound address counts too.
+        bound, _ = await asyncio.gather(
+            self._bindings.get("email", address),
+            self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit),
+        )
         if bound is not None:
             raise MatrixError(
                 400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
             )
-        await self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit)
 
         ephemeral = nacl.signing.SigningKey.generate()
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}

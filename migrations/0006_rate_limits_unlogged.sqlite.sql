@@ -1,0 +1,1 @@
+-- Nothing to do on SQLite: rate-limit counters are PostgreSQL-unlogged only (see the .postgres.sql).
