@@ -14,7 +14,18 @@ from aiohttp import web
 from mautrix.appservice.state_store.asyncpg import PgASStateStore
 from mautrix.types import UserID
 
-from appservice.api import account, bind, invites, keys, lookup, status, terms, v1, validation
+from appservice.api import (
+    account,
+    bind,
+    invite_proxy,
+    invites,
+    keys,
+    lookup,
+    status,
+    terms,
+    v1,
+    validation,
+)
 from appservice.api.context import ApiContext
 from appservice.api.http import RedactingAccessLogger, matrix_middleware
 from appservice.clock import Clock
@@ -47,6 +58,7 @@ from appservice.services.accounts import AccountService, OpenIdVerifier
 from appservice.services.bindings import BindingService
 from appservice.services.delivery import OnbindDelivery
 from appservice.services.expired_invites import ExpiredInviteService
+from appservice.services.invite_policy import InvitePolicyService
 from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
@@ -146,6 +158,12 @@ class IdentityServer:
             clock=self.clock,
             stores=self.stores,
         )
+        self.invite_policy = InvitePolicyService(
+            config.invites.policy,
+            self.stores,
+            self.ratelimiter,
+            config.appservice.homeserver_url,
+        )
         delivery = config.invites.delivery
         self.delivery = OnbindDelivery(
             outbox,
@@ -237,11 +255,11 @@ class IdentityServer:
         await self.db.run_locked(PgASStateStore.upgrade_table.upgrade)
         await self.keys.start()
         await self.lookup.start()
-        await self.stores.start()
 
     async def start(self) -> None:
         """Open, then start the background jobs (and the appservice); call before serving."""
         await self.open()
+        await self.stores.start()
         if self.config.appservice.enabled:
             await self._start_appservice()
         for job in self.jobs:
@@ -260,6 +278,7 @@ class IdentityServer:
         await self.email.close()
         await self.sms.close()
         await self.federation.close()
+        await self.invite_policy.close()
         await self.stores.close()
         await self.db.stop()
 
@@ -334,6 +353,7 @@ class IdentityServer:
                 ipaddress.ip_network(n, strict=False) for n in self.config.listen.trusted_proxies
             ],
             v1_enabled=self.config.api.v1_enabled,
+            invite_policy=self.invite_policy,
         )
         status.add_routes(app.router, ctx)
         account.add_routes(app.router, ctx)
@@ -343,6 +363,7 @@ class IdentityServer:
         validation.add_routes(app.router, ctx)
         bind.add_routes(app.router, ctx)
         invites.add_routes(app.router, ctx)
+        invite_proxy.add_routes(app.router, ctx)
         if ctx.v1_enabled:
             v1.add_routes(app.router, ctx)
         return app

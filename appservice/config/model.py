@@ -319,6 +319,7 @@ class LdapStoreConfig:
     group_filter: str = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))"
     # The homeserver's server name for the user IDs; empty: appservice.homeserver_domain.
     server_name: str = ""
+    # Limit for connecting and for each operation (whole seconds, rounded up).
     timeout: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
 
 

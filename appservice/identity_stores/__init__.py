@@ -32,9 +32,13 @@ class IdentityStores:
         return tuple(s for s in self.all if not s.listable)
 
     async def start(self) -> None:
-        """Open every store's connections."""
+        """Open every store's connections; a store that cannot be used stops start-up (a
+        ``StoreError`` naming it), so a wrong password or address shows at once."""
         for store in self.all:
-            await store.start()
+            try:
+                await store.start()
+            except StoreError as e:
+                raise StoreError(f"stores.{store.name}: {e}") from e
 
     async def close(self) -> None:
         """Close every store, even when one fails to."""
