@@ -174,3 +174,22 @@ async def membership_history(
         if e["type"] == "m.room.member" and e.get("state_key") == user_id
     ]  # fmt: skip
     return list(reversed(events))
+
+
+async def register_admin(synapse: SynapseServer, localpart: str) -> str:
+    """A new Synapse server admin; returns its access token."""
+    _, token = await synapse.register_user(localpart, "a long test password", admin=True)
+    return token
+
+
+async def set_threepids(
+    synapse: SynapseServer, admin_token: str, user_id: str, threepids: list[tuple[str, str]]
+) -> None:
+    """Give ``user_id`` exactly these 3PIDs with Synapse's admin API."""
+    status, body = await synapse.client_request(
+        "PUT",
+        f"/_synapse/admin/v2/users/{quote(user_id, safe='')}",
+        admin_token,
+        json={"threepids": [{"medium": m, "address": a} for m, a in threepids]},
+    )
+    assert status == 200, body

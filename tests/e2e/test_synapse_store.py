@@ -17,7 +17,13 @@ from appservice.config.model import SynapseStoreConfig
 from appservice.identity_stores import StoreEntry, StoreError
 from appservice.identity_stores.synapse import BATCH_SIZE, SynapseStore
 from tests.e2e.conftest import RunningIdentityServer
-from tests.e2e.flows import bind_through_synapse, register_everywhere, validate_email
+from tests.e2e.flows import (
+    bind_through_synapse,
+    register_admin,
+    register_everywhere,
+    set_threepids,
+    validate_email,
+)
 from tests.e2e.synapse_postgres import POSTGRES_ADMIN_URL, PostgresSynapse, synapse_postgres
 from tests.support.synapse import SynapseServer
 
@@ -33,28 +39,14 @@ def _localpart(prefix: str) -> str:
 
 
 async def _admin_token(server: SynapseServer) -> str:
-    _, token = await server.register_user(_localpart("admin"), PASSWORD, admin=True)
-    return token
-
-
-async def _set_threepids(
-    server: SynapseServer, admin_token: str, user_id: str, threepids: list[tuple[str, str]]
-) -> None:
-    """Give ``user_id`` exactly these 3PIDs with Synapse's admin API."""
-    status, body = await server.client_request(
-        "PUT",
-        f"/_synapse/admin/v2/users/{quote(user_id, safe='')}",
-        admin_token,
-        json={"threepids": [{"medium": m, "address": a} for m, a in threepids]},
-    )
-    assert status == 200, body
+    return await register_admin(server, _localpart("admin"))
 
 
 async def _user_with(
     server: SynapseServer, admin_token: str, prefix: str, threepids: list[tuple[str, str]]
 ) -> str:
     user_id, _ = await server.register_user(_localpart(prefix), PASSWORD)
-    await _set_threepids(server, admin_token, user_id, threepids)
+    await set_threepids(server, admin_token, user_id, threepids)
     return user_id
 
 
@@ -180,7 +172,7 @@ async def test_deactivated_flag_alone_hides_threepids_and_roles(
     # (a deactivation half done, an older Synapse), so only the flag changes in this copy.
     address = f"{_localpart('ivy')}@example.org"
     user_id, _ = await synapse.register_user(_localpart("ivy"), PASSWORD, admin=True)
-    await _set_threepids(synapse, admin_token, user_id, [("email", address)])
+    await set_threepids(synapse, admin_token, user_id, [("email", address)])
     db = _copy_of_synapse_db(synapse, tmp_path / "copy.db")
     with db:
         db.execute("UPDATE users SET deactivated = 1 WHERE name = ?", (user_id,))
@@ -226,7 +218,7 @@ async def test_bound_mode_returns_only_threepids_bound_through_synapse(
     sid = await validate_email(ids, is_token, bound_address, "leas-secret")
     # Synapse records the bind in user_threepid_id_server (id_server = our name).
     await bind_through_synapse(synapse, ids, hs_token, is_token, sid, "leas-secret")
-    await _set_threepids(synapse, admin_token, user_id, [("email", bound_address)])
+    await set_threepids(synapse, admin_token, user_id, [("email", bound_address)])
     unbound_address = f"{_localpart('max')}@example.org"
     unbound_user = await _user_with(synapse, admin_token, "max", [("email", unbound_address)])
     asked = [("email", bound_address), ("email", unbound_address)]
@@ -354,7 +346,7 @@ async def test_postgres_synapse_find_entries_and_roles(
     address = f"{_localpart('ola')}@example.org"
     phone = "4917" + str(uuid.uuid4().int)[:9]
     user_id, _ = await server.register_user(_localpart("ola"), PASSWORD, admin=True)
-    await _set_threepids(server, token, user_id, [("email", address), ("msisdn", phone)])
+    await set_threepids(server, token, user_id, [("email", address), ("msisdn", phone)])
     gone = await _user_with(server, token, "pia", [("email", "pia-" + address)])
     await _deactivate(server, token, gone)
 
