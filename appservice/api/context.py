@@ -11,6 +11,7 @@ from aiohttp import web
 from appservice.api.http import IPNetwork, access_token
 from appservice.services.accounts import AccountService
 from appservice.services.bindings import BindingService
+from appservice.services.invite_policy import InvitePolicyService
 from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
@@ -34,6 +35,8 @@ class ApiContext:
     render_page: Callable[..., str]
     trusted_proxies: Sequence[IPNetwork] = ()
     v1_enabled: bool = True
+    # Checks and forwards the client-server endpoints that can make a 3PID invite.
+    invite_policy: InvitePolicyService | None = None
 
     async def user_id(self, request: web.Request, *, enforce_terms: bool = True) -> str:
         """The authenticated user (401 without a valid token, 403 until the terms are accepted)."""
