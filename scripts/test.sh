@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 scripts/ensure-postgres.sh
 scripts/ensure-chromium.sh
-bash scripts/ensure-slapd.sh
+scripts/ensure-slapd.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
