@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite: venv with test extras, PostgreSQL on 127.0.0.1:5432 (started or
-# installed if needed), Chromium for the page tests (Debian package), lint, type check, then pytest on SQLite and PostgreSQL, plus the
-# end-to-end tests against a real Synapse (installed once into .cache/synapse-venv).
+# installed if needed), Chromium for the page tests and slapd for the LDAP store tests (Debian
+# packages), lint, type check, then pytest on SQLite and PostgreSQL, plus the end-to-end tests
+# against a real Synapse (installed once into .cache/synapse-venv).
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/api -k lookup
 set -euo pipefail
 cd "$(dirname "$0")/.."
