@@ -7,7 +7,7 @@ from typing import Protocol
 
 from appservice.config import EmailConfig, SmsConfig
 from appservice.notifications.message import EmailMessage, SmsMessage
-from appservice.notifications.smtp import SmtpConnector
+from appservice.notifications.smtp import Gate, SmtpConnector
 from appservice.notifications.twilio import TwilioConnector
 
 log = logging.getLogger(__name__)
@@ -16,8 +16,13 @@ log = logging.getLogger(__name__)
 class EmailConnector(Protocol):
     """Delivers emails."""
 
-    async def send_email(self, msg: EmailMessage) -> None:
-        """Send ``msg``; raise ``NotificationError`` when it was not accepted."""
+    async def send_email(self, msg: EmailMessage, gate: Gate | None = None) -> bool:
+        """Send ``msg``; raise ``NotificationError`` when it was not accepted.
+
+        With ``gate`` (work that stores what the mail announces), the mail is delivered only if
+        ``gate`` returns True, and False is returned otherwise; ``gate`` always runs to its end
+        and its exception, if any, propagates.
+        """
 
     async def close(self) -> None:
         """Release connections (at shutdown)."""
@@ -42,9 +47,12 @@ class LogConnector:
 
     MARKER = "[log connector, not sent]"
 
-    async def send_email(self, msg: EmailMessage) -> None:
-        """Log the email."""
+    async def send_email(self, msg: EmailMessage, gate: Gate | None = None) -> bool:
+        """Log the email (once ``gate`` allowed it)."""
+        if gate is not None and not await gate:
+            return False
         log.info("%s email to %s, subject %r:\n%s", self.MARKER, msg.to, msg.subject, msg.text)
+        return True
 
     async def send_sms(self, msg: SmsMessage) -> None:
         """Log the SMS."""

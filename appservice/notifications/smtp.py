@@ -6,6 +6,12 @@ pays for one handshake (and TLS negotiation, and AUTH) per session instead of on
 A mail counts as sent only when the server answered ``250`` to its data. A kept-alive session
 that the server dropped in the meantime (it closes, or answers ``421``) is noticed at the first
 command of the next mail, which is then retried once on a fresh session.
+
+A mail can be *gated* on other work (storing the invite it announces): the envelope and the
+message go to the server while that work runs, and only the end of data (the line with a single
+dot, after which the server delivers) waits for it. If the work fails or declines, the session is
+closed before the end of data, so the server discards the message (RFC 5321, 4.1.1.4). The
+caller's database write and the SMTP round trips then overlap instead of adding up.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import aiosmtplib
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from appservice.config import ConfigError, SmtpConfig
 from appservice.notifications.message import EmailMessage, NotificationError
@@ -45,6 +53,14 @@ class _Session:
 
 class _BrokenSession(Exception):
     """The kept-alive session failed before the server saw anything of this mail."""
+
+
+class _Abandoned(Exception):
+    """The gate declined: the mail was dropped before its end of data."""
+
+
+# Work a mail waits for before its end of data: True to deliver, False to drop the mail.
+Gate = Awaitable[bool]
 
 
 def _ascii_address(address: str) -> tuple[str, bool]:
@@ -121,23 +137,35 @@ class SmtpConnector:
     def _where(self) -> str:
         return f"{self._config.host}:{self._config.port}"
 
-    async def send_email(self, msg: EmailMessage) -> None:
-        """Send ``msg``; return once the server accepted it, else raise ``NotificationError``."""
+    async def send_email(self, msg: EmailMessage, gate: Gate | None = None) -> bool:
+        """Send ``msg``; return once the server accepted it, else raise ``NotificationError``.
+
+        With ``gate``, the mail is transferred while ``gate`` runs and delivered only if it
+        returns True; False drops the mail (and ``send_email`` returns False). ``gate`` is always
+        awaited to its end, also when sending fails first; if it raises, that exception
+        propagates (the mail was not delivered).
+        """
+        gate_task = asyncio.ensure_future(gate) if gate is not None else None
         try:
             data, recipient, utf8 = self._serialise(msg)
-        except NotificationError as e:
-            log.warning("Email not sent: %s", e)
-            raise
-        if self._closed:
-            raise NotificationError("the SMTP connector is closed")
-        async with self._slots:
             if self._closed:
                 raise NotificationError("the SMTP connector is closed")
-            try:
-                await self._deliver(data, recipient, utf8)
-            except NotificationError as e:
-                log.warning("Email not sent: %s", e)
-                raise
+            async with self._slots:
+                if self._closed:
+                    raise NotificationError("the SMTP connector is closed")
+                await self._deliver(data, recipient, utf8, gate_task)
+            return True
+        except _Abandoned:
+            return False
+        except NotificationError as e:
+            log.warning("Email not sent: %s", e)
+            if gate_task is not None:
+                await gate_task  # its own failure, if any, is the one to report
+            raise
+        finally:
+            if gate_task is not None and not gate_task.done():
+                # Cancelled or failed in an unexpected way: never leave the work half-awaited.
+                await asyncio.shield(gate_task)
 
     async def close(self) -> None:
         """Wait for mails in flight, then end every session politely."""
@@ -181,17 +209,19 @@ class SmtpConnector:
 
     # Sessions
 
-    async def _deliver(self, data: bytes, recipient: str, utf8: bool) -> None:
+    async def _deliver(
+        self, data: bytes, recipient: str, utf8: bool, gate: asyncio.Future[bool] | None
+    ) -> None:
         session = self._checkout()
         if session is not None:
             try:
-                await self._transaction(session, data, recipient, utf8)
+                await self._transaction(session, data, recipient, utf8, gate)
                 return
             except _BrokenSession:
                 log.info("Kept-alive SMTP session to %s was closed; retrying once", self._where)
         session = await self._connect()
         try:
-            await self._transaction(session, data, recipient, utf8)
+            await self._transaction(session, data, recipient, utf8, gate)
         except _BrokenSession as e:
             raise self._error(e.__cause__ or e, recipient) from e.__cause__
 
@@ -265,12 +295,18 @@ class SmtpConnector:
         return _Session(smtp)
 
     async def _transaction(
-        self, session: _Session, data: bytes, recipient: str, utf8: bool
+        self,
+        session: _Session,
+        data: bytes,
+        recipient: str,
+        utf8: bool,
+        gate: asyncio.Future[bool] | None,
     ) -> None:
         """One mail on ``session``; checks the session back in unless it is spoilt.
 
         Raises ``_BrokenSession`` when the session was found dead at ``MAIL`` (nothing of this
-        mail was delivered), ``NotificationError`` for any other failure.
+        mail was delivered), ``_Abandoned`` when ``gate`` declined, ``NotificationError`` for
+        any other failure; the gate's own exception propagates as is.
         """
         smtp = session.smtp
         encoding = "ascii"
@@ -294,7 +330,10 @@ class SmtpConnector:
                     raise _BrokenSession() from e
                 raise
             await smtp.rcpt(recipient, encoding=encoding)
-            await smtp.data(data)
+            if gate is None:
+                await smtp.data(data)
+            else:
+                await self._gated_data(smtp, data, gate)
             session.mails += 1
             reusable = True
         except aiosmtplib.SMTPResponseException as e:
@@ -308,6 +347,29 @@ class SmtpConnector:
                 self._checkin(session)
             else:
                 smtp.close()
+
+    async def _gated_data(
+        self, smtp: aiosmtplib.SMTP, data: bytes, gate: asyncio.Future[bool]
+    ) -> None:
+        """DATA and the message now, the end of data once ``gate`` said yes.
+
+        When the gate says no or fails, the caller closes the session (it is not marked
+        reusable), which is what makes the server drop the unfinished message.
+        """
+        response = await smtp.execute_command(b"DATA")
+        if response.code != 354:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        message = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
+        protocol.write(message)
+        if not await gate:
+            raise _Abandoned()
+        protocol.write(b".\r\n")
+        response = await protocol.read_response(timeout=float(self._config.timeout))
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
 
     async def _reset(self, smtp: aiosmtplib.SMTP) -> bool:
         try:

@@ -125,15 +125,11 @@ class InviteService:
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
         # Both at once (one database round trip less); an attempt for a bound address counts too.
-        bound, _ = await asyncio.gather(
+        # They run while the invite and its email are prepared.
+        checks = asyncio.gather(
             self._bindings.get("email", address),
             self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit),
         )
-        if bound is not None:
-            raise MatrixError(
-                400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
-            )
-
         ephemeral = nacl.signing.SigningKey.generate()
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
         invite = Invite(
@@ -154,9 +150,20 @@ class InviteService:
             resolved_mxid=None,
             resolved_ts=None,
         )
-        await self._invites.create(invite)
+        message = self._invite_email(invite)
+        bound, _ = await checks
+        if bound is not None:
+            raise MatrixError(
+                400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
+            )
+
+        async def store() -> bool:
+            # The email goes out while the invite is stored; it is delivered only once stored.
+            await self._invites.create(invite)
+            return True
+
         try:
-            await self._email.send_email(self._invite_email(invite))
+            await self._email.send_email(message, store())
         except NotificationError as e:
             if await self._invites.delete_pending(invite.id):  # nothing half-written
                 raise MatrixError(

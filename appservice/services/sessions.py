@@ -16,6 +16,7 @@ from appservice.errors import MatrixError, forbidden, invalid_param
 from appservice.notifications.connectors import EmailConnector, SmsConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
+from appservice.notifications.smtp import Gate
 from appservice.services.ratelimits import RateLimiter
 from appservice.threepid import is_opaque_id, parse_email, parse_phone_number
 
@@ -89,7 +90,7 @@ class SessionService:
         if address is None:
             raise MatrixError(400, "M_INVALID_EMAIL", "Invalid email address")
 
-        async def send(session: ValidationSession, token: str) -> None:
+        async def send(session: ValidationSession, token: str, gate: Gate | None) -> bool:
             message = self._generator.validation_email(
                 address,
                 token=token,
@@ -98,7 +99,7 @@ class SessionService:
                 next_link_present=next_link is not None,
             )
             try:
-                await self._email.send_email(message)
+                return await self._email.send_email(message, gate)
             except NotificationError as e:
                 raise MatrixError(
                     400, "M_EMAIL_SEND_ERROR", f"Failed to send the email: {e}"
@@ -125,9 +126,12 @@ class SessionService:
         if msisdn is None:
             raise MatrixError(400, "M_INVALID_ADDRESS", "Invalid phone number")
 
-        async def send(_session: ValidationSession, token: str) -> None:
+        async def send(_session: ValidationSession, token: str, gate: Gate | None) -> bool:
+            if gate is not None and not await gate:
+                return False
             try:
                 await self._sms.send_sms(self._generator.validation_sms(msisdn, token=token))
+                return True
             except NotificationError as e:
                 if e.destination_rejected:
                     raise MatrixError(
@@ -150,7 +154,7 @@ class SessionService:
         requester_ip: str,
         *,
         token: str,
-        send: Callable[[ValidationSession, str], Awaitable[None]],
+        send: Callable[[ValidationSession, str, Gate | None], Awaitable[bool]],
     ) -> str:
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and send_attempt <= existing.send_attempt:
@@ -167,28 +171,35 @@ class SessionService:
         )
         now = self._clock.now_ms()
         if existing is None:
-            session = await self._store.create(
-                ValidationSession(
-                    sid=secrets.token_urlsafe(16),
-                    medium=medium,
-                    address=address,
-                    client_secret=client_secret,
-                    token_hash=_token_hash(token),
-                    send_attempt=send_attempt,
-                    next_link=next_link,
-                    created_ts=now,
-                    modified_ts=now,
-                    validated_ts=None,
-                    failed_attempts=0,
-                )
+            session = ValidationSession(
+                sid=secrets.token_urlsafe(16),
+                medium=medium,
+                address=address,
+                client_secret=client_secret,
+                token_hash=_token_hash(token),
+                send_attempt=send_attempt,
+                next_link=next_link,
+                created_ts=now,
+                modified_ts=now,
+                validated_ts=None,
+                failed_attempts=0,
             )
-            if session.token_hash != _token_hash(token):
-                return session.sid  # created concurrently by an identical request
+            stored: list[ValidationSession] = []
+
+            async def store() -> bool:
+                # The message goes out while the session is stored, and is delivered only if
+                # this request's session is the one stored.
+                stored.append(await self._store.create(session))
+                return stored[0].token_hash == session.token_hash
+
             try:
-                await send(session, token)
+                await send(session, token, store())
             except MatrixError:
-                await self._store.delete(session.sid)  # nothing half-written
+                if stored and stored[0].token_hash == session.token_hash:
+                    await self._store.delete(session.sid)  # nothing half-written
                 raise
+            if stored[0].token_hash != session.token_hash:
+                return stored[0].sid  # created concurrently by an identical request
             log.info("validation session %s created (%s)", session.sid, medium)
             return session.sid
         # A higher send_attempt: a new token replaces the old one and is sent.
@@ -196,7 +207,7 @@ class SessionService:
         if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
             return existing.sid
         try:
-            await send(existing, token)
+            await send(existing, token, None)
         except MatrixError:
             await self._store.revert_resend(existing, new_hash)  # the old token stays valid
             raise

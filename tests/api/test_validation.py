@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from urllib.parse import parse_qs, urlsplit
 
@@ -91,6 +92,26 @@ async def test_repeated_send_attempt_returns_same_sid_and_sends_nothing(api: Api
         EMAIL_SUBMIT,
         token=token,
         json={"sid": first["sid"], "client_secret": "s3cret", "token": newest["token"]},
+    )
+    assert status == 200
+
+
+async def test_identical_requests_at_once_make_one_session_and_one_mail(api: Api) -> None:
+    _, token = await api.register()
+    answers = await asyncio.gather(*(request_email(api, token, secret="twins") for _ in range(4)))
+    assert {status for status, _ in answers} == {200}
+    assert len({body["sid"] for _, body in answers}) == 1
+    await api.smtp.wait_for(1)
+    await asyncio.sleep(0.3)  # a second mail would have arrived by now
+    assert len(api.smtp.mails) == 1
+    # The mailed token belongs to the session everyone was told about.
+    link = link_from_mail(api)
+    assert link["sid"] == answers[0][1]["sid"]
+    status, _body = await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": link["sid"], "client_secret": "twins", "token": link["token"]},
     )
     assert status == 200
 

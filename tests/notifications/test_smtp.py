@@ -299,6 +299,84 @@ async def test_refused_recipient_is_an_error_and_the_connection_stays_usable(
         await connector.close()
 
 
+async def test_gated_mail_is_delivered_only_once_the_gate_says_yes(sink: SmtpSink) -> None:
+    connector = SmtpConnector(smtp_config(sink), SENDER)
+    gate_open = asyncio.Event()
+
+    async def gate() -> bool:
+        await gate_open.wait()
+        return True
+
+    try:
+        sending = asyncio.create_task(connector.send_email(simple(), gate()))
+        # The envelope and message reach the server while the gate is closed, but the server
+        # gets no end of data, so it has nothing to deliver.
+        await asyncio.sleep(0.3)
+        assert sink.connections == 1
+        assert sink.mails == [] and not sending.done()
+        gate_open.set()
+        assert await sending is True
+        [mail] = await sink.wait_for(1)
+        assert mail.rcpt_tos == ("alice@example.com",)
+    finally:
+        gate_open.set()
+        await connector.close()
+
+
+async def test_declined_gate_drops_the_mail_and_the_next_one_goes_out(sink: SmtpSink) -> None:
+    connector = SmtpConnector(smtp_config(sink), SENDER)
+
+    async def no() -> bool:
+        return False
+
+    try:
+        assert await connector.send_email(simple("dropped@example.com"), no()) is False
+        assert await connector.send_email(simple()) is True
+        [mail] = await sink.wait_for(1)
+        assert mail.rcpt_tos == ("alice@example.com",)
+        await asyncio.sleep(0.2)
+        assert len(sink.mails) == 1
+        # The unfinished message's session was closed, never reused.
+        assert sink.connections == 2
+    finally:
+        await connector.close()
+
+
+async def test_failing_gate_raises_its_own_error_and_delivers_nothing(sink: SmtpSink) -> None:
+    connector = SmtpConnector(smtp_config(sink), SENDER)
+
+    async def broken() -> bool:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("database down")
+
+    try:
+        with pytest.raises(RuntimeError, match="database down"):
+            await connector.send_email(simple(), broken())
+        await asyncio.sleep(0.2)
+        assert sink.mails == []
+    finally:
+        await connector.close()
+
+
+async def test_gate_runs_to_its_end_when_sending_fails(sink: SmtpSink) -> None:
+    connector = SmtpConnector(smtp_config(sink), SENDER)
+    finished: list[bool] = []
+
+    async def slow_store() -> bool:
+        await asyncio.sleep(0.2)
+        finished.append(True)
+        return True
+
+    try:
+        sink.rcpt_reply = "550 5.1.1 Recipient address rejected"
+        with pytest.raises(NotificationError):
+            await connector.send_email(simple(), slow_store())
+        assert finished == [True]
+        assert sink.mails == []
+    finally:
+        await connector.close()
+
+
 async def test_temporary_refusal_of_data_is_transient(sink: SmtpSink) -> None:
     sink.data_reply = "451 4.3.0 Try again later"
     with pytest.raises(NotificationError) as raised:

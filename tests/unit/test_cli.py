@@ -135,6 +135,23 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_store_that_cannot_start_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"database: {{url: 'sqlite:{tmp_path / 'is.db'}'}}\n"
+        f"listen: {{port: {_free_port()}}}\n"
+        "stores:\n"
+        "  order: [ldap]\n"
+        f"  ldap: {{uri: 'ldap://127.0.0.1:{_free_port()}', base_dn: 'dc=example,dc=org',"
+        " timeout: 2s}\n"
+    )
+    result = _cli("run", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: stores.ldap: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_keys_rotate_makes_old_key_invalid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
