@@ -259,9 +259,14 @@ class IdentityServer:
     async def start(self) -> None:
         """Open, then start the background jobs (and the appservice); call before serving."""
         await self.open()
-        await self.stores.start()
-        if self.config.appservice.enabled:
-            await self._start_appservice()
+        try:
+            await self.stores.start()
+            if self.config.appservice.enabled:
+                await self._start_appservice()
+        except BaseException:
+            # Close what open() opened (the SQLite worker thread would keep the process alive).
+            await self.stop()
+            raise
         for job in self.jobs:
             job.start()
 
