@@ -8,6 +8,7 @@ plain one for that dialect. Each is applied once, in a transaction, and recorded
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, cast
 
 import aiosqlite
 from mautrix.util.async_db import Database, Scheme
+from mautrix.util.async_db.aiosqlite import in_transaction as sqlite_in_transaction
 from mautrix.util.async_db.connection import LoggingConnection
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,20 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in statements if s.strip()]
 
 
+async def _reset_released_connection(conn: Any) -> None:
+    """What a PostgreSQL connection needs when it goes back to the pool: only a transaction left
+    open (a task cancelled inside one) is rolled back.
+
+    asyncpg's default sends ``RESET ALL; CLOSE ALL; UNLISTEN *; SELECT
+    pg_advisory_unlock_all()`` on every release, a round trip that made each pooled query cost
+    0.42 ms instead of 0.24 ms here. This server keeps no session state on pooled connections: no
+    ``SET``, ``LISTEN`` or cursors outside transactions, and its one advisory lock (migrations)
+    is released where it is taken.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class AppDatabase:
     """The application's database: a mautrix ``Database`` plus dialect helpers."""
 
@@ -92,7 +108,11 @@ class AppDatabase:
                 self._sqlite_path = path
             db_args: dict[str, Any] = {"min_size": 1}
         else:
-            db_args = {"min_size": min_connections, "max_size": max_connections}
+            db_args = {
+                "min_size": min_connections,
+                "max_size": max_connections,
+                "reset": _reset_released_connection,
+            }
         self.db = Database.create(
             url,
             db_args=db_args,
@@ -152,8 +172,22 @@ class AppDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[LoggingConnection]:
         """A connection inside a transaction; nested use joins the outer transaction."""
-        async with self.connection() as conn, _transaction(conn):
-            yield conn
+        async with self.connection() as conn:
+            if self.is_postgres:
+                async with _transaction(conn):
+                    yield conn
+                return
+            outermost = not sqlite_in_transaction.get()
+            try:
+                async with _transaction(conn):
+                    yield conn
+            except BaseException:
+                # mautrix rolls back on Exception only: a task cancelled inside the transaction
+                # would leave SQLite's one connection in it, and later writes never committed.
+                sqlite_conn = cast(aiosqlite.Connection, conn.wrapped)
+                if outermost and sqlite_conn.in_transaction:
+                    await asyncio.shield(sqlite_conn.rollback())
+                raise
 
     async def execute(self, query: str, *args: Any) -> None:
         """Run a statement."""
