@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,20 +64,16 @@ class BindingStore:
         )
         return _binding(row) if row else None
 
-    def _hash_filter(self, hashes: Sequence[str]) -> tuple[str, Any]:
-        """A WHERE clause matching ``lookup_hash`` against a list, as one indexed lookup."""
-        if self._db.is_postgres:
-            return "lookup_hash = ANY($1::text[])", list(hashes)
-        return "lookup_hash IN (SELECT value FROM json_each($1))", json.dumps(list(hashes))
-
     async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         """Map each known lookup hash among ``hashes`` to its Matrix ID."""
         if not hashes:
             return {}
-        clause, param = self._hash_filter(hashes)
+        clause, params = self._db.in_list("lookup_hash", hashes)
         # The hot path of every lookup: one indexed read (see AppDatabase.read).
-        rows = await self._db.read(f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", param)
-        return {row["lookup_hash"]: row["mxid"] for row in rows}
+        rows = await self._db.read_tuples(
+            f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", *params
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
         """Remove the binding of a 3PID to ``mxid``; False when there was none."""

@@ -9,11 +9,12 @@ plain one for that dialect. Each is applied once, in a transaction, and recorded
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ MIGRATIONS_DIR = Path(
 # An arbitrary constant that identifies this application's migration lock.
 _MIGRATION_LOCK_KEY = 0x1D5E_4A11
 _POSITIONAL = re.compile(r"\$(\d+)")
+# Longest list matched with IN (…) parameters on SQLite (whose limit is 32,766 since 3.32).
+_SQLITE_MAX_IN_LIST = 16384
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(postgres|sqlite))?\.sql$")
 
 
@@ -247,6 +250,30 @@ class AppDatabase:
         if reader is None:
             return await self.db.fetch(query, *args)
         return reader.execute(_POSITIONAL.sub(r"?\1", query), args).fetchall()
+
+    async def read_tuples(self, query: str, *args: Any) -> list[Any]:
+        """:meth:`read` for wide results: rows are indexed by position only (on SQLite plain
+        tuples, which cost less to build than named rows)."""
+        reader = self.sqlite_reader()
+        if reader is None:
+            return await self.db.fetch(query, *args)
+        cursor = reader.cursor()
+        cursor.row_factory = None
+        return cursor.execute(_POSITIONAL.sub(r"?\1", query), args).fetchall()
+
+    def in_list(self, column: str, values: Sequence[str]) -> tuple[str, list[Any]]:
+        """A WHERE clause matching ``column`` against ``values`` through its index, and its
+        parameters (from ``$1``): ``= ANY($1)`` on PostgreSQL; on SQLite ``IN ($1, …)``, the list
+        padded (with its last value) to a power of two so a few cached statements serve every
+        length, or through ``json_each`` for lists longer than SQLite's parameter limit allows."""
+        if self.is_postgres:
+            return f"{column} = ANY($1::text[])", [list(values)]
+        if not values or len(values) > _SQLITE_MAX_IN_LIST:
+            return f"{column} IN (SELECT value FROM json_each($1))", [json.dumps(list(values))]
+        size = 1 << (len(values) - 1).bit_length()
+        padded = [*values, *([values[-1]] * (size - len(values)))]
+        placeholders = ", ".join(f"${i}" for i in range(1, size + 1))
+        return f"{column} IN ({placeholders})", padded
 
     async def read_row(self, query: str, *args: Any) -> Any:
         """The first row of :meth:`read`, or None."""

@@ -46,18 +46,11 @@ class StoreThreepidStore:
         """Every store entry whose lookup hash is among ``hashes`` (one indexed read)."""
         if not hashes:
             return []
-        param: Any
-        if self._db.is_postgres:
-            clause, param = "lookup_hash = ANY($1::text[])", list(hashes)
-        else:
-            clause, param = (
-                "lookup_hash IN (SELECT value FROM json_each($1))",
-                json.dumps(list(hashes)),
-            )
-        rows = await self._db.read(
-            f"SELECT lookup_hash, store, mxid FROM store_threepids WHERE {clause}", param
+        clause, params = self._db.in_list("lookup_hash", hashes)
+        rows = await self._db.read_tuples(
+            f"SELECT lookup_hash, store, mxid FROM store_threepids WHERE {clause}", *params
         )
-        return [StoreMatch(row["lookup_hash"], row["store"], row["mxid"]) for row in rows]
+        return [StoreMatch(row[0], row[1], row[2]) for row in rows]
 
     async def snapshot(self, store: str) -> Mapping3pid:
         """Everything the copy holds for ``store``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from appservice.app import IdentityServer
@@ -138,23 +139,33 @@ async def test_more_than_the_configured_maximum_is_400(api: Api) -> None:
     assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
 
 
-async def test_lookup_uses_the_hash_index(api: Api) -> None:
+@pytest.mark.parametrize("count", [1, 2, 1000, 20_000])
+async def test_lookup_uses_the_hash_index(api: Api, count: int) -> None:
     db = api.server.db
+    hashes = [f"h{i}" for i in range(count)]
+    clause, params = db.in_list("lookup_hash", hashes)
+    query = f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}"
     if db.is_postgres:
-        await db.execute("SET enable_seqscan = off")
-        rows = await db.fetch(
-            "EXPLAIN SELECT lookup_hash, mxid FROM bindings WHERE lookup_hash = ANY($1::text[])",
-            ["a", "b"],
-        )
+        async with db.transaction() as conn:
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            rows = await conn.fetch(f"EXPLAIN {query}", *params)
         plan = " ".join(row[0] for row in rows)
     else:
-        rows = await db.fetch(
-            "EXPLAIN QUERY PLAN SELECT lookup_hash, mxid FROM bindings"
-            " WHERE lookup_hash IN (SELECT value FROM json_each($1))",
-            '["a","b"]',
-        )
+        rows = await db.fetch(f"EXPLAIN QUERY PLAN {query}", *params)
         plan = " ".join(str(row["detail"]) for row in rows)
     assert "bindings_lookup_hash" in plan, plan
+
+
+async def test_hash_lists_of_every_length_find_exactly_their_bindings(api: Api) -> None:
+    for i in range(40):
+        await api.add_binding("email", f"len{i}@example.org", f"@len{i}:hs.test")
+    hashes = [api.server.lookup.hash_of("email", f"len{i}@example.org") for i in range(40)]
+    for count in (1, 2, 3, 5, 17, 33, 40):
+        asked = [*hashes[:count], "unknown-hash"]
+        found = await api.server.bindings.mxids_by_hash(asked)
+        assert found == {hashes[i]: f"@len{i}:hs.test" for i in range(count)}
+    many = [*hashes, *(f"miss{i}" for i in range(20_000))]
+    assert len(await api.server.bindings.mxids_by_hash(many)) == 40
 
 
 async def test_pepper_survives_a_restart(api: Api) -> None:
