@@ -12,6 +12,8 @@ MEDIUMS = ("email", "msisdn")
 _MSISDN = re.compile(r"^[1-9][0-9]{4,14}$")
 # client_secret, sid, store-invite tokens: ^[0-9a-zA-Z.=_-]{1,255}$ (spec).
 _OPAQUE_ID = re.compile(r"^[0-9a-zA-Z.=_-]{1,255}$")
+# The localpart of a new Matrix user ID (spec v1.8+, which also allows "+").
+_LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
 _EMAIL_LOCAL_FORBIDDEN = set(' \t\r\n<>()[]\\,;:"@')
 _DOMAIN_LABEL = re.compile(r"^[^\W_](?:[\w-]{0,61}[^\W_])?$")
 # Synapse accepts addresses up to 500 characters and forwards them, so we do too.
@@ -60,6 +62,11 @@ def canonical_address(medium: str, address: str) -> str | None:
 def is_opaque_id(value: str) -> bool:
     """Whether ``value`` fits the grammar of ``client_secret``, ``sid`` and invite tokens."""
     return bool(_OPAQUE_ID.match(value))
+
+
+def is_localpart(value: str) -> bool:
+    """Whether ``value`` is a valid localpart for a new Matrix user ID."""
+    return bool(_LOCALPART.fullmatch(value))
 
 
 def user_id_server(user_id: str) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from appservice.config.model import Config, Duration, RateLimit
+from appservice.threepid import is_localpart
 
 ENV_PREFIX = "APPSERVICE_"
 
@@ -209,10 +210,14 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     return load_config_text(text, path.parent.resolve(), environ)
 
 
+def _is_database_url(url: str) -> bool:
+    return url.startswith(("sqlite:", "postgres://", "postgresql://"))
+
+
 def _validate(config: Config) -> None:
     """Checks that span more than one value's type."""
     url = config.database.url
-    if not (url.startswith("sqlite:") or url.startswith(("postgres://", "postgresql://"))):
+    if not _is_database_url(url):
         raise ConfigError(f'database.url: "{url}" is not a sqlite: or postgres:// URL')
     for i, algorithm in enumerate(config.lookup.algorithms):
         if algorithm not in ("sha256", "none"):
@@ -272,7 +277,7 @@ def _validate(config: Config) -> None:
     if bool(appservice.as_token) != bool(appservice.hs_token):
         raise ConfigError("appservice.as_token: as_token and hs_token must be set together")
     for key in ("bot_localpart", "expired_user_localpart"):
-        if not re.fullmatch(r"[a-z0-9._=/+-]+", getattr(appservice, key)):
+        if not is_localpart(getattr(appservice, key)):
             raise ConfigError(f"appservice.{key}: not a valid Matrix localpart")
     if appservice.bot_localpart == appservice.expired_user_localpart:
         raise ConfigError("appservice.expired_user_localpart: must differ from bot_localpart")
@@ -312,7 +317,7 @@ def _validate_stores(config: Config) -> None:
     if "synapse" in stores.order:
         synapse = stores.synapse
         url = synapse.database_url
-        if not (url.startswith("sqlite:") or url.startswith(("postgres://", "postgresql://"))):
+        if not _is_database_url(url):
             raise ConfigError(
                 f'stores.synapse.database_url: "{url}" is not a sqlite: or postgres:// URL'
             )

@@ -271,9 +271,10 @@ class AppDatabase:
 
     def in_list(self, column: str, values: Sequence[str]) -> tuple[str, list[Any]]:
         """A WHERE clause matching ``column`` against ``values`` through its index, and its
-        parameters (from ``$1``): ``= ANY($1)`` on PostgreSQL; on SQLite ``IN ($1, …)``, the list
-        padded (with its last value) to a power of two so a few cached statements serve every
-        length, or through ``json_each`` for lists longer than SQLite's parameter limit allows."""
+        parameters; it must be the statement's only parameters. ``= ANY($1)`` on PostgreSQL; on
+        SQLite ``IN (?, …)``, the list padded (with its last value) to a power of two so a few
+        cached statements serve every length, or ``json_each($1)`` for an empty list or one
+        longer than SQLite's parameter limit allows."""
         if self.is_postgres:
             return f"{column} = ANY($1::text[])", [list(values)]
         if not values or len(values) > _SQLITE_MAX_IN_LIST:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,17 +87,12 @@ class StoreThreepidStore:
 
     async def forget_except(self, stores: Sequence[str]) -> int:
         """Drop the copies of stores that are no longer configured; how many entries went."""
-        keep = json.dumps(list(stores))
-        param: Any
-        if self._db.is_postgres:
-            clause, param = "NOT (store = ANY($1::text[]))", list(stores)
-        else:
-            clause, param = "store NOT IN (SELECT value FROM json_each($1))", keep
+        clause, params = self._db.in_list("store", stores)
         async with self._db.transaction() as conn:
             rows = await conn.fetch(
-                f"DELETE FROM store_threepids WHERE {clause} RETURNING store", param
+                f"DELETE FROM store_threepids WHERE NOT ({clause}) RETURNING store", *params
             )
-            await conn.execute(f"DELETE FROM store_sync WHERE {clause}", param)
+            await conn.execute(f"DELETE FROM store_sync WHERE NOT ({clause})", *params)
         return len(rows)
 
     async def claim(self, store: str, now_ms: int, due_before_ms: int, lease_ms: int) -> bool:

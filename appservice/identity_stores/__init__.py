@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TypeVar
 
 from appservice.identity_stores.base import IdentityStore, StoreEntry, StoreError, Threepid
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 __all__ = ["IdentityStore", "IdentityStores", "StoreEntry", "StoreError", "Threepid"]
 
@@ -19,7 +23,17 @@ class IdentityStores:
 
     def __init__(self, stores: Sequence[IdentityStore]) -> None:
         self.all: tuple[IdentityStore, ...] = tuple(stores)
-        self.order: dict[str, int] = {store.name: i for i, store in enumerate(self.all)}
+
+    def first_by_order(self, found: Iterable[tuple[K, str, V]]) -> dict[K, V]:
+        """From (key, store name, value) triples, for each key the value of the store that comes
+        first in ``stores.order``; stores no longer configured are ignored."""
+        rank = {store.name: i for i, store in enumerate(self.all)}
+        best: dict[K, tuple[int, V]] = {}
+        for key, store, value in found:
+            r = rank.get(store)
+            if r is not None and (key not in best or r < best[key][0]):
+                best[key] = (r, value)
+        return {key: value for key, (_, value) in best.items()}
 
     @property
     def listable(self) -> tuple[IdentityStore, ...]:

@@ -24,7 +24,7 @@ import phonenumbers
 
 from appservice.config.model import LdapStoreConfig
 from appservice.identity_stores.base import StoreEntry, StoreError, Threepid
-from appservice.threepid import canonical_address, parse_email, parse_phone_number
+from appservice.threepid import canonical_address, is_localpart, parse_email, parse_phone_number
 
 with warnings.catch_warnings():
     # ldap3 2.9.1 imports names pyasn1 0.6 deprecated (tagMap, typeMap); nothing to act on.
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Matrix localparts (spec v1.8+, which also allows "+").
-_LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
 _PAGED_RESULTS = "1.2.840.113556.1.4.319"
 # Entries per page: below Active Directory's default MaxPageSize (1000).
 PAGE_SIZE = 500
@@ -230,7 +228,7 @@ class LdapStore:
         localpart, _, server = mxid.removeprefix("@").partition(":")
         if not mxid.startswith("@") or server != self._server_name:
             return frozenset()
-        if not _LOCALPART.match(localpart):
+        if not is_localpart(localpart):
             return frozenset()
         config = self._config
         value = escape_filter_chars(localpart)
@@ -341,7 +339,7 @@ class LdapStore:
 
     def _mxid(self, person: _Person) -> str | None:
         localpart = self._localpart(person)
-        if localpart is None or not _LOCALPART.match(localpart):
+        if localpart is None or not is_localpart(localpart):
             return None
         mxid = f"@{localpart}:{self._server_name}"
         return mxid if len(mxid.encode()) <= 255 else None

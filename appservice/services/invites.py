@@ -327,16 +327,15 @@ class InviteService:
 
     async def _resolve_from_copies(self) -> int:
         resolved = 0
-        order = self._stores.order
         while True:
             rows = await self._invites.pending_with_store_entry(_BATCH)
-            best: dict[str, tuple[int, Invite, str]] = {}
-            for invite, store, mxid in rows:
-                rank = order.get(store)
-                if rank is not None and (invite.id not in best or rank < best[invite.id][0]):
-                    best[invite.id] = (rank, invite, mxid)
+            invites = {invite.id: invite for invite, _, _ in rows}
+            best = self._stores.first_by_order(
+                (invite.id, store, mxid) for invite, store, mxid in rows
+            )
             progress = 0
-            for _, invite, mxid in best.values():
+            for invite_id, mxid in best.items():
+                invite = invites[invite_id]
                 if user_id_server(mxid) is not None and await self._resolve(invite, BOUND, mxid):
                     progress += 1
             resolved += progress

@@ -11,7 +11,7 @@ from appservice.crypto.hashing import lookup_hash, new_pepper
 from appservice.crypto.signing import KeyRing
 from appservice.db.bindings import Binding, BindingStore
 from appservice.db.server_state import ServerStateStore
-from appservice.db.store_threepids import StoreMatch, StoreThreepidStore
+from appservice.db.store_threepids import StoreThreepidStore
 from appservice.errors import MatrixError, invalid_param
 from appservice.identity_stores import IdentityStores, Threepid
 from appservice.threepid import MEDIUMS, canonical_address
@@ -168,17 +168,6 @@ class LookupService:
         if self._copies is None or not self._stores.listable or len(found) == len(hashes):
             return found
         missing = [h for h in hashes if h not in found]
-        found.update(self._first_by_order(await self._copies.matches_by_hash(missing)))
+        matches = await self._copies.matches_by_hash(missing)
+        found.update(self._stores.first_by_order((m.lookup_hash, m.store, m.mxid) for m in matches))
         return found
-
-    def _first_by_order(self, matches: list[StoreMatch]) -> dict[str, str]:
-        """For each hash, the Matrix ID from the first store in ``stores.order`` that has it."""
-        order = self._stores.order
-        best: dict[str, tuple[int, str]] = {}
-        for match in matches:
-            rank = order.get(match.store)
-            if rank is not None and (
-                match.lookup_hash not in best or rank < best[match.lookup_hash][0]
-            ):
-                best[match.lookup_hash] = (rank, match.mxid)
-        return {h: mxid for h, (_, mxid) in best.items()}

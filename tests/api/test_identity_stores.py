@@ -76,9 +76,7 @@ async def use_stores(api: Api, *stores: IdentityStore) -> None:
     """Replace the running server's stores (shared by lookup, resolution and sync)."""
     # The test syncs by itself, without the lease: no background sync may run alongside.
     await api.server.store_sync_job.stop()
-    registry = api.server.stores
-    registry.all = tuple(stores)
-    registry.order = {store.name: i for i, store in enumerate(stores)}
+    api.server.stores.all = tuple(stores)
 
 
 async def sync_all(api: Api) -> None:
