@@ -8,15 +8,8 @@ if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    SUDO="sudo"
-  else
-    echo "ensure-chromium: not root and no sudo; cannot install chromium" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=scripts/root-or-sudo.sh
+. "$(dirname "$0")/root-or-sudo.sh" ensure-chromium chromium
 
 echo "ensure-chromium: installing Chromium from Debian's packages"
 export DEBIAN_FRONTEND=noninteractive

@@ -10,15 +10,8 @@ if [ -x /usr/sbin/slapd ] && [ -x /usr/sbin/slapadd ]; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    SUDO="sudo"
-  else
-    echo "ensure-slapd: not root and no sudo; cannot install slapd" >&2
-    exit 1
-  fi
-fi
+# shellcheck source=scripts/root-or-sudo.sh
+. "$(dirname "$0")/root-or-sudo.sh" ensure-slapd slapd
 
 echo "ensure-slapd: installing slapd and ldap-utils from Debian's packages"
 # No system directory is configured (the tests bring their own), and while installing, services
