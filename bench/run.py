@@ -101,6 +101,17 @@ def _backends(value: str) -> list[str]:
     return names
 
 
+ALL_WORKLOADS = ("lookup", "hash_details", *MAIL_WORKLOADS)
+
+
+def _workloads(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = set(names) - set(ALL_WORKLOADS)
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose among {','.join(ALL_WORKLOADS)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--help`` documents every option)."""
     p = argparse.ArgumentParser(
@@ -178,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="our server's PostgreSQL pool size, also the limit's (default 10)",
     )
     p.add_argument(
+        "--workloads",
+        type=_workloads,
+        default=list(ALL_WORKLOADS),
+        help="rows to measure, comma-separated (default lookup,hash_details,store-invite,"
+        "requestToken; 'lookup' is the 1-, 100- and 1,000-hash rows)",
+    )
+    p.add_argument(
         "--no-limit", action="store_true", help="skip the direct-database ('limit') rows"
     )
     p.add_argument(
@@ -214,6 +232,7 @@ class Settings:
     quick: bool
     keep: bool = False
     profile: Path | None = None
+    workloads: tuple[str, ...] = ALL_WORKLOADS
     # Distinct request bodies prepared per lookup batch size.
     pool_sizes: dict[int, int] = field(default_factory=dict)
 
@@ -247,6 +266,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             quick=True,
             keep=args.keep,
             profile=args.profile,
+            workloads=tuple(args.workloads),
             pool_sizes={1: 64, 100: 32, 1000: 8},
         )
     return Settings(
@@ -265,6 +285,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         quick=False,
         keep=args.keep,
         profile=args.profile,
+        workloads=tuple(args.workloads),
         pool_sizes={1: 2048, 100: 512, 1000: 128},
     )
 
@@ -377,7 +398,7 @@ class Row:
 def workloads(dataset: Dataset, settings: Settings) -> list[Row]:
     """The rows measured against one server."""
     rows = []
-    for batch in LOOKUP_BATCHES:
+    for batch in LOOKUP_BATCHES if "lookup" in settings.workloads else ():
         hash_lists = lookup_batches(dataset.n, batch, settings.pool_sizes[batch], dataset.pepper)
         bodies = [
             json.dumps(
@@ -397,7 +418,8 @@ def workloads(dataset: Dataset, settings: Settings) -> list[Row]:
                 batch,
             )
         )
-    rows.append(Row(Workload("hash_details", "GET", "/_matrix/identity/v2/hash_details", None)))
+    if "hash_details" in settings.workloads:
+        rows.append(Row(Workload("hash_details", "GET", "/_matrix/identity/v2/hash_details", None)))
     return rows
 
 
@@ -542,6 +564,8 @@ class Session:
                 for c in self.settings.concurrency:
                     await self._measure(row.workload, c, dataset, None)
             for name in MAIL_WORKLOADS:
+                if name not in self.settings.workloads:
+                    continue
                 for c in self.settings.concurrency:
                     prefix = self._prefix()
                     await self._measure(mail_workload(name, prefix), c, dataset, prefix)
@@ -1158,7 +1182,7 @@ async def run(settings: Settings) -> str:
                             f"{tag}{rep}{order.index(server)}n{n}y",
                             pg,
                         ).run()
-                    if settings.limit:
+                    if settings.limit and "lookup" in settings.workloads:
                         for server in ours:
                             await measure_limit(server, settings, results, rep)
             finally:

@@ -32,9 +32,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
     return make_test_certificates(tmp_path_factory.mktemp("smtp-tls"))
 
 
-@pytest.fixture
-async def sink() -> AsyncIterator[SmtpSink]:
-    async with SmtpSink() as server:
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+async def sink(request: pytest.FixtureRequest) -> AsyncIterator[SmtpSink]:
+    """A plain sink, with and without PIPELINING: every test runs both ways."""
+    async with SmtpSink(pipelining=request.param) as server:
         yield server
 
 
@@ -299,6 +300,31 @@ async def test_refused_recipient_is_an_error_and_the_connection_stays_usable(
         await connector.close()
 
 
+async def test_refused_sender_is_an_error_and_the_connection_stays_usable(
+    sink: SmtpSink,
+) -> None:
+    connector = SmtpConnector(smtp_config(sink), SENDER)
+    try:
+        sink.mail_replies.append("553 5.7.1 <noreply@id.example.org>: Sender address rejected")
+        with pytest.raises(NotificationError) as raised:
+            await connector.send_email(simple())
+        assert raised.value.code == 553
+        assert "refused the sender" in str(raised.value)
+        await connector.send_email(simple("second@example.com"))
+        [mail] = await sink.wait_for(1)
+        assert mail.rcpt_tos == ("second@example.com",)
+        assert sink.connections == 1
+    finally:
+        await connector.close()
+
+
+async def test_envelope_is_one_write_when_the_server_offers_pipelining(sink: SmtpSink) -> None:
+    await send(smtp_config(sink), *(simple(f"user{i}@example.com") for i in range(3)))
+    mails = await sink.wait_for(3)
+    assert [m.rcpt_tos for m in mails] == [(f"user{i}@example.com",) for i in range(3)]
+    assert sink.pipelined_envelopes == (3 if sink.pipelining else 0)
+
+
 async def test_gated_mail_is_delivered_only_once_the_gate_says_yes(sink: SmtpSink) -> None:
     connector = SmtpConnector(smtp_config(sink), SENDER)
     gate_open = asyncio.Event()
@@ -384,6 +410,25 @@ async def test_temporary_refusal_of_data_is_transient(sink: SmtpSink) -> None:
     assert raised.value.code == 451
     assert raised.value.transient
     assert sink.mails == []
+
+
+async def test_a_server_that_stops_answering_times_out_and_its_session_is_dropped(
+    sink: SmtpSink,
+) -> None:
+    connector = SmtpConnector(smtp_config(sink, timeout=Duration(0.3)), SENDER)
+    try:
+        sink.data_delay = 1.0
+        with pytest.raises(NotificationError) as raised:
+            await connector.send_email(simple("slow@example.com"))
+        assert raised.value.transient
+        assert "timed out" in str(raised.value)
+        sink.data_delay = 0.0
+        await connector.send_email(simple("next@example.com"))
+        await sink.wait_until(lambda: any(m.rcpt_tos == ("next@example.com",) for m in sink.mails))
+        # The late answer to the stalled message is never read as the next mail's.
+        assert next(m for m in sink.mails if m.rcpt_tos == ("next@example.com",)).connection == 2
+    finally:
+        await connector.close()
 
 
 async def test_server_down_is_a_transient_error(caplog: pytest.LogCaptureFixture) -> None:
