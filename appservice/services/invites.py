@@ -125,11 +125,13 @@ class InviteService:
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
         # Both at once (one database round trip less); an attempt for a bound address counts too.
-        # They run while the invite and its email are prepared.
+        # They run while the invite and its email are prepared: the yield lets them send their
+        # queries first (a task does not start before its creator awaits something).
         checks = asyncio.gather(
             self._bindings.get("email", address),
             self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit),
         )
+        await asyncio.sleep(0)
         ephemeral = nacl.signing.SigningKey.generate()
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
         invite = Invite(
