@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from appservice.clock import Clock
 from appservice.config import RateLimitsConfig, SessionConfig
@@ -15,12 +17,15 @@ from appservice.db.sessions import SessionStore, ValidationSession
 from appservice.errors import MatrixError, forbidden, invalid_param
 from appservice.notifications.connectors import EmailConnector, SmsConnector
 from appservice.notifications.generator import MessageGenerator
-from appservice.notifications.message import NotificationError
+from appservice.notifications.message import EmailMessage, NotificationError, SmsMessage
 from appservice.notifications.smtp import Gate
 from appservice.services.ratelimits import RateLimiter
 from appservice.threepid import is_opaque_id, parse_email, parse_phone_number
 
 log = logging.getLogger(__name__)
+
+# An email or an SMS, as the medium's ``prepare`` renders it for its ``send``.
+Message = TypeVar("Message", EmailMessage, SmsMessage)
 
 
 def _token_hash(token: str) -> str:
@@ -90,14 +95,16 @@ class SessionService:
         if address is None:
             raise MatrixError(400, "M_INVALID_EMAIL", "Invalid email address")
 
-        async def send(session: ValidationSession, token: str, gate: Gate | None) -> bool:
-            message = self._generator.validation_email(
+        def prepare(sid: str, token: str) -> EmailMessage:
+            return self._generator.validation_email(
                 address,
                 token=token,
-                sid=session.sid,
+                sid=sid,
                 client_secret=client_secret,
                 next_link_present=next_link is not None,
             )
+
+        async def send(message: EmailMessage, gate: Gate | None) -> bool:
             try:
                 return await self._email.send_email(message, gate)
             except NotificationError as e:
@@ -107,7 +114,7 @@ class SessionService:
 
         return await self._request(
             "email", address, client_secret, send_attempt, next_link, requester_ip,
-            token=secrets.token_urlsafe(32), send=send,
+            token=secrets.token_urlsafe(32), prepare=prepare, send=send,
         )  # fmt: skip
 
     async def request_msisdn_token(
@@ -126,11 +133,14 @@ class SessionService:
         if msisdn is None:
             raise MatrixError(400, "M_INVALID_ADDRESS", "Invalid phone number")
 
-        async def send(_session: ValidationSession, token: str, gate: Gate | None) -> bool:
+        def prepare(_sid: str, token: str) -> SmsMessage:
+            return self._generator.validation_sms(msisdn, token=token)
+
+        async def send(message: SmsMessage, gate: Gate | None) -> bool:
             if gate is not None and not await gate:
                 return False
             try:
-                await self._sms.send_sms(self._generator.validation_sms(msisdn, token=token))
+                await self._sms.send_sms(message)
                 return True
             except NotificationError as e:
                 if e.destination_rejected:
@@ -141,7 +151,7 @@ class SessionService:
 
         return await self._request(
             "msisdn", msisdn, client_secret, send_attempt, next_link, requester_ip,
-            token=f"{secrets.randbelow(10**6):06d}", send=send,
+            token=f"{secrets.randbelow(10**6):06d}", prepare=prepare, send=send,
         )  # fmt: skip
 
     async def _request(
@@ -154,25 +164,37 @@ class SessionService:
         requester_ip: str,
         *,
         token: str,
-        send: Callable[[ValidationSession, str, Gate | None], Awaitable[bool]],
+        prepare: Callable[[str, str], Message],
+        send: Callable[[Message, Gate | None], Awaitable[bool]],
     ) -> str:
+        """Create or re-send a session: ``prepare(sid, token)`` renders the message, ``send``
+        sends it, delivering it only if its gate (storing the session) says yes."""
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
-        await self._ratelimiter.hit_all(
-            [
-                ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
-                (
-                    "request_token_address",
-                    f"{medium}:{address}",
-                    self._limits.request_token_per_address,
-                ),
-            ]
+        hit = asyncio.ensure_future(
+            self._ratelimiter.hit_all(
+                [
+                    ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
+                    (
+                        "request_token_address",
+                        f"{medium}:{address}",
+                        self._limits.request_token_per_address,
+                    ),
+                ]
+            )
         )
+        # The message is rendered while the rate limits are counted (the yield starts that).
+        await asyncio.sleep(0)
+        sid = existing.sid if existing is not None else secrets.token_urlsafe(16)
+        try:
+            message = prepare(sid, token)
+        finally:
+            await hit
         now = self._clock.now_ms()
         if existing is None:
             session = ValidationSession(
-                sid=secrets.token_urlsafe(16),
+                sid=sid,
                 medium=medium,
                 address=address,
                 client_secret=client_secret,
@@ -193,7 +215,7 @@ class SessionService:
                 return stored[0].token_hash == session.token_hash
 
             try:
-                await send(session, token, store())
+                await send(message, store())
             except MatrixError:
                 if stored and stored[0].token_hash == session.token_hash:
                     await self._store.delete(session.sid)  # nothing half-written
@@ -207,7 +229,7 @@ class SessionService:
         if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
             return existing.sid
         try:
-            await send(existing, token, None)
+            await send(message, None)
         except MatrixError:
             await self._store.revert_resend(existing, new_hash)  # the old token stays valid
             raise
