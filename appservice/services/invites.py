@@ -124,12 +124,14 @@ class InviteService:
             raise invalid_param("sender must be a Matrix user ID")
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
+        sender_limit = [("store_invite_sender", request.sender, self._sender_limit)]
+        # A sender already known to be over the limit is refused before any mail is started.
+        self._ratelimiter.refuse_if_exhausted(sender_limit)
         # Both at once (one database round trip less); an attempt for a bound address counts too.
         # They run while the invite and its email are prepared: the yield lets them send their
         # queries first (a task does not start before its creator awaits something).
         checks = asyncio.gather(
-            self._bindings.get("email", address),
-            self._ratelimiter.hit("store_invite_sender", request.sender, self._sender_limit),
+            self._bindings.get("email", address), self._ratelimiter.hit_all(sender_limit)
         )
         await asyncio.sleep(0)
         ephemeral = nacl.signing.SigningKey.generate()
@@ -152,22 +154,30 @@ class InviteService:
             resolved_mxid=None,
             resolved_ts=None,
         )
-        message = self._invite_email(invite)
-        bound, _ = await checks
-        if bound is not None:
-            raise MatrixError(
-                400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
-            )
+        try:
+            message = self._invite_email(invite)
+        except BaseException:
+            await asyncio.gather(checks, return_exceptions=True)
+            raise
+        stored = False
 
-        async def store() -> bool:
-            # The email goes out while the invite is stored; it is delivered only once stored.
+        async def check_and_store() -> bool:
+            # The email goes out while the checks run and the invite is stored; the server
+            # delivers it only once the invite is stored. A refusal raised here drops it.
+            nonlocal stored
+            bound, _ = await checks
+            if bound is not None:
+                raise MatrixError(
+                    400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
+                )
             await self._invites.create(invite)
+            stored = True
             return True
 
         try:
-            await self._email.send_email(message, store())
+            await self._email.send_email(message, check_and_store())
         except NotificationError as e:
-            if await self._invites.delete_pending(invite.id):  # nothing half-written
+            if not stored or await self._invites.delete_pending(invite.id):  # nothing half-written
                 raise MatrixError(
                     400, "M_EMAIL_SEND_ERROR", f"Failed to send the invitation email: {e}"
                 ) from e

@@ -11,39 +11,76 @@ from appservice.config import RateLimit
 from appservice.db.ratelimits import RateLimitStore
 from appservice.errors import MatrixError
 
+# Buckets remembered as over their limit; the memory is cleared when it grows past this.
+_EXHAUSTED_MAX = 10_000
+
+# (name, key, limit): one event to count.
+Event = tuple[str, str, RateLimit]
+
 
 class RateLimiter:
-    """Counts events per key and refuses the ones over the limit."""
+    """Counts events per key and refuses the ones over the limit.
+
+    A bucket found over its limit is also remembered in this process until its window ends:
+    further events for it are refused at once, without counting them (they could not change the
+    answer) and before the caller starts any work, such as an SMTP transaction for a mail the
+    refusal would drop.
+    """
 
     def __init__(self, store: RateLimitStore, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        # bucket -> end of the window (ms) in which it went over its limit
+        self._exhausted: dict[str, int] = {}
 
     async def hit(self, name: str, key: str, limit: RateLimit) -> None:
         """Count an event for ``key``; 429 M_LIMIT_EXCEEDED when over ``limit``."""
         await self.hit_all([(name, key, limit)])
 
-    async def hit_all(self, events: Sequence[tuple[str, str, RateLimit]]) -> None:
+    def refuse_if_exhausted(self, events: Sequence[Event]) -> None:
+        """429 M_LIMIT_EXCEEDED at once, without the database, when one of the buckets is known
+        to be over its limit in the current window."""
+        if self._exhausted:
+            now = self._clock.now_ms()
+            windows = self._windows(events, now)
+            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
+
+    async def hit_all(self, events: Sequence[Event]) -> None:
         """Count one event under each (name, key, limit) in one database round trip; 429
         M_LIMIT_EXCEEDED (with the longest wait) when any is over its limit."""
         now = self._clock.now_ms()
-        windows: list[tuple[str, int, int]] = []
+        windows = self._windows(events, now)
+        if self._exhausted:
+            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
+        hits = await self._store.hit(windows)
+        over = [
+            window
+            for window, (_name, _key, limit) in zip(windows, events, strict=True)
+            if hits[window[0]] > limit.limit
+        ]
+        if over:
+            if len(self._exhausted) >= _EXHAUSTED_MAX:
+                self._exhausted.clear()
+            self._exhausted.update((bucket, end) for bucket, _start, end in over)
+        self._raise_after(over, now)
+
+    @staticmethod
+    def _windows(events: Sequence[Event], now: int) -> list[tuple[str, int, int]]:
+        """(bucket, window start, window end) of each event at ``now``."""
+        windows = []
         for name, key, limit in events:
             period_ms = max(1, int(limit.period * 1000))
             window_start = now - now % period_ms
             # Hashed, so the table holds no addresses or IPs in plain text.
             bucket = hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()
             windows.append((bucket, window_start, window_start + period_ms))
-        hits = await self._store.hit(windows)
-        retry_after_ms = max(
-            (
-                end - now
-                for (bucket, _start, end), (_name, _key, limit) in zip(windows, events, strict=True)
-                if hits[bucket] > limit.limit
-            ),
-            default=None,
-        )
-        if retry_after_ms is not None:
+        return windows
+
+    @staticmethod
+    def _raise_after(over: Sequence[tuple[str, int, int]], now: int) -> None:
+        """429 with the longest wait among the ``over`` windows, if any."""
+        retry_after_ms = max((end - now for _bucket, _start, end in over), default=None)
+        if retry_after_ms is not None and retry_after_ms > 0:
             raise MatrixError(
                 429,
                 "M_LIMIT_EXCEEDED",

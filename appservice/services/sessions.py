@@ -19,7 +19,7 @@ from appservice.notifications.connectors import EmailConnector, SmsConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import EmailMessage, NotificationError, SmsMessage
 from appservice.notifications.smtp import Gate
-from appservice.services.ratelimits import RateLimiter
+from appservice.services.ratelimits import Event, RateLimiter
 from appservice.threepid import is_opaque_id, parse_email, parse_phone_number
 
 log = logging.getLogger(__name__)
@@ -172,25 +172,25 @@ class SessionService:
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
-        hit = asyncio.ensure_future(
-            self._ratelimiter.hit_all(
-                [
-                    ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
-                    (
-                        "request_token_address",
-                        f"{medium}:{address}",
-                        self._limits.request_token_per_address,
-                    ),
-                ]
-            )
-        )
+        limits: list[Event] = [
+            ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
+            (
+                "request_token_address",
+                f"{medium}:{address}",
+                self._limits.request_token_per_address,
+            ),
+        ]
+        # A client or address already known to be over its limit is refused before any sending.
+        self._ratelimiter.refuse_if_exhausted(limits)
+        hit = asyncio.ensure_future(self._ratelimiter.hit_all(limits))
         # The message is rendered while the rate limits are counted (the yield starts that).
         await asyncio.sleep(0)
         sid = existing.sid if existing is not None else secrets.token_urlsafe(16)
         try:
             message = prepare(sid, token)
-        finally:
-            await hit
+        except BaseException:
+            await asyncio.gather(hit, return_exceptions=True)
+            raise
         now = self._clock.now_ms()
         if existing is None:
             session = ValidationSession(
@@ -208,14 +208,16 @@ class SessionService:
             )
             stored: list[ValidationSession] = []
 
-            async def store() -> bool:
-                # The message goes out while the session is stored, and is delivered only if
-                # this request's session is the one stored.
+            async def check_and_store() -> bool:
+                # The message goes out while the rate limits are counted and the session is
+                # stored; it is delivered only if this request's session is the one stored. A
+                # refusal (429) raised here drops it.
+                await hit
                 stored.append(await self._store.create(session))
                 return stored[0].token_hash == session.token_hash
 
             try:
-                await send(message, store())
+                await send(message, check_and_store())
             except MatrixError:
                 if stored and stored[0].token_hash == session.token_hash:
                     await self._store.delete(session.sid)  # nothing half-written
@@ -225,6 +227,7 @@ class SessionService:
             log.info("validation session %s created (%s)", session.sid, medium)
             return session.sid
         # A higher send_attempt: a new token replaces the old one and is sent.
+        await hit
         new_hash = _token_hash(token)
         if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
             return existing.sid

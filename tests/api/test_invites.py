@@ -328,9 +328,22 @@ class TestSenderRateLimit:
         assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
         assert len(await InviteStore(api.server.db).list(None, 10)) == 2
         await api.smtp.wait_for(2)
-        assert len(api.smtp.mails) == 2
+        # Known to be over the limit now: refused without counting and without any SMTP.
+        connections = api.smtp.connections
+        status, body = await store_invite(api, alice_token, alice, "b9@example.com")
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        assert 0 < int(body["retry_after_ms"]) <= 3_600_000
+        assert api.smtp.connections == connections
+        assert await api.server.db.fetchval("SELECT MAX(hits) FROM rate_limits") == 3
         # Another sender is not affected, and the window ends.
         assert (await store_invite(api, carol_token, carol, "b2@example.com"))[0] == 200
+        mails = await api.smtp.wait_for(3)
+        # The refused invites' mails never arrived (the first was dropped before its end).
+        assert [m.rcpt_tos for m in mails] == [
+            ("b0@example.com",),
+            ("b1@example.com",),
+            ("b2@example.com",),
+        ]
         clock.advance(3600)
         assert (await store_invite(api, alice_token, alice, "b3@example.com"))[0] == 200
 

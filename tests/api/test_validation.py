@@ -410,8 +410,17 @@ class TestRateLimits:
         status, body = await request_email(api, token, secret="c")
         assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
         assert 0 < int(body["retry_after_ms"]) <= 3_600_000
+        # Known to be over the limit now: refused without counting and without any SMTP.
+        connections = api.smtp.connections
+        status, body = await request_email(api, token, secret="e")
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        assert api.smtp.connections == connections
+        # The per-address bucket counted a, b and c only; the refused mail never arrived.
+        assert await api.server.db.fetchval("SELECT MAX(hits) FROM rate_limits") == 3
         clock.advance(3600)
         assert (await request_email(api, token, secret="d"))[0] == 200
+        mails = await api.smtp.wait_for(3)
+        assert len(mails) == 3
 
     async def test_per_ip_limit(self, api: Api) -> None:
         _, token = await api.register()
