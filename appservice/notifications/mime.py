@@ -58,7 +58,8 @@ def build_message(
     utf8: bool,
     now: datetime.datetime | None = None,
 ) -> bytes:
-    """The whole message. ``from_header``/``to_header`` are ready-made header values."""
+    """The whole message, every line ended by CRLF (the last one too), not yet dot-stuffed.
+    ``from_header``/``to_header`` are ready-made header values."""
     boundary = "=_alt_" + secrets.token_hex(12)
     when = now or datetime.datetime.now(datetime.UTC)
     headers = (

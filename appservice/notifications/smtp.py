@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import aiosmtplib
-from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from aiosmtplib.response import SMTPResponse
 
 from appservice.config import ConfigError, SmtpConfig
@@ -438,7 +437,10 @@ class SmtpConnector:
         reusable = False
         try:
             await self._envelope(session, recipient, options)
-            message = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
+            # Dot-stuffing (RFC 5321, 4.5.2); build_message ends every line with CRLF already.
+            message = data.replace(b"\r\n.", b"\r\n..")
+            if message.startswith(b"."):
+                message = b"." + message
             if gate is not None and not gate.done():
                 # The server takes in the message while the gate's work runs.
                 link.send(message)

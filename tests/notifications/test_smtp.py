@@ -98,6 +98,20 @@ async def test_validation_mail_arrives_as_utf8_multipart_alternative(sink: SmtpS
     assert "Ïdentity ✓" in html_part.get_content()
 
 
+async def test_lines_starting_with_a_dot_arrive_intact(sink: SmtpSink) -> None:
+    text = "first\n.hidden unless stuffed\n..two dots\n.\nlast\n"
+    msg = EmailMessage(to="alice@example.com", subject="Dots", text=text, html=".<p>x</p>\n")
+    await send(smtp_config(sink), msg, simple("next@example.com"))
+    mails = await sink.wait_for(2)
+    text_part = mails[0].message.get_body(("plain",))
+    html_part = mails[0].message.get_body(("html",))
+    assert text_part is not None and html_part is not None
+    assert text_part.get_content().replace("\r\n", "\n") == text
+    assert html_part.get_content().replace("\r\n", "\n") == ".<p>x</p>\n"
+    # A lone dot in the body did not end the message early: the next mail is a mail of its own.
+    assert mails[1].rcpt_tos == ("next@example.com",)
+
+
 async def test_html_part_keeps_room_names_escaped(sink: SmtpSink) -> None:
     generator = MessageGenerator(None, "Identity", "id.example.org", "https://id.example.org")
     msg = generator.invite_email(
