@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 
-import phonenumbers
-
 MEDIUMS = ("email", "msisdn")
 
 _MSISDN = re.compile(r"^[1-9][0-9]{4,14}$")
@@ -40,6 +38,8 @@ def parse_phone_number(country: str, phone_number: str) -> str | None:
     """E.164 digits (no ``+``) of a number dialled from ``country`` (ISO 3166-1 alpha-2)."""
     if not re.fullmatch(r"[A-Z]{2}", country) or len(phone_number) > 64:
         return None
+    import phonenumbers  # at the first phone number, not at start-up (50 ms of imports)
+
     try:
         parsed = phonenumbers.parse(phone_number, country)
     except phonenumbers.NumberParseException:
