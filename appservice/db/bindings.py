@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from appservice.db.coalesce import ReadCoalescer
 from appservice.db.database import AppDatabase
 
 
@@ -40,6 +41,8 @@ class BindingStore:
 
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
+        # On SQLite a hash read runs in place and costs microseconds: nothing to merge.
+        self._hash_reads = ReadCoalescer(self._read_mxids_by_hash) if db.is_postgres else None
 
     async def upsert(self, binding: Binding, lookup_hash: str) -> None:
         """Store a binding, replacing an older one of the same 3PID."""
@@ -68,6 +71,11 @@ class BindingStore:
         """Map each known lookup hash among ``hashes`` to its Matrix ID."""
         if not hashes:
             return {}
+        if self._hash_reads is not None:
+            return await self._hash_reads.read(hashes)
+        return await self._read_mxids_by_hash(hashes)
+
+    async def _read_mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         clause, params = self._db.in_list("lookup_hash", hashes)
         # The hot path of every lookup: one indexed read (see AppDatabase.read).
         rows = await self._db.read_tuples(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -166,6 +168,24 @@ async def test_hash_lists_of_every_length_find_exactly_their_bindings(api: Api) 
         assert found == {hashes[i]: f"@len{i}:hs.test" for i in range(count)}
     many = [*hashes, *(f"miss{i}" for i in range(20_000))]
     assert len(await api.server.bindings.mxids_by_hash(many)) == 40
+
+
+async def test_concurrent_lookups_each_get_exactly_their_own_bindings(api: Api) -> None:
+    for i in range(30):
+        await api.add_binding("email", f"con{i}@example.org", f"@con{i}:hs.test")
+    hashes = [api.server.lookup.hash_of("email", f"con{i}@example.org") for i in range(30)]
+    # Single hashes, small lists sharing hashes, misses and one list too long to be merged
+    # (on PostgreSQL the small ones are read together in one statement).
+    asked = [
+        *([h] for h in hashes),
+        *([hashes[i], hashes[(i + 7) % 30], f"miss{i}"] for i in range(30)),
+        [f"miss-only{i}" for i in range(3)],
+        [*hashes, *(f"long-miss{i}" for i in range(100))],
+    ]
+    answers = await asyncio.gather(*(api.server.bindings.mxids_by_hash(a) for a in asked))
+    owner = {h: f"@con{i}:hs.test" for i, h in enumerate(hashes)}
+    for question, answer in zip(asked, answers, strict=True):
+        assert answer == {h: owner[h] for h in question if h in owner}
 
 
 async def test_pepper_survives_a_restart(api: Api) -> None:
