@@ -74,8 +74,10 @@ class MemoryStore:
 
 async def use_stores(api: Api, *stores: IdentityStore) -> None:
     """Replace the running server's stores (shared by lookup, resolution and sync)."""
-    # The test syncs by itself, without the lease: no background sync may run alongside.
+    # The test syncs and resolves by itself: no background sync or resolution may run alongside
+    # (a resolution that ran first would leave the test's own call nothing to resolve).
     await api.server.store_sync_job.stop()
+    await api.server.resolution_job.stop()
     api.server.stores.all = tuple(stores)
 
 
