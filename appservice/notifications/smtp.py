@@ -123,7 +123,6 @@ class _SessionLink(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection now (a message in progress is discarded by the server)."""
         self._fail(aiosmtplib.SMTPServerDisconnected("Connection closed"))
-        self._transport.close()
 
     def _queue_reply(self, reply: bytes) -> None:
         lines = reply.split(b"\n")

@@ -42,16 +42,14 @@ class RateLimiter:
         to be over its limit in the current window."""
         if self._exhausted:
             now = self._clock.now_ms()
-            windows = self._windows(events, now)
-            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
+            self._refuse_known(self._windows(events, now), now)
 
     async def hit_all(self, events: Sequence[Event]) -> None:
         """Count one event under each (name, key, limit) in one database round trip; 429
         M_LIMIT_EXCEEDED (with the longest wait) when any is over its limit."""
         now = self._clock.now_ms()
         windows = self._windows(events, now)
-        if self._exhausted:
-            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
+        self._refuse_known(windows, now)
         hits = await self._store.hit(windows)
         over = [
             window
@@ -63,6 +61,11 @@ class RateLimiter:
                 self._exhausted.clear()
             self._exhausted.update((bucket, end) for bucket, _start, end in over)
         self._raise_after(over, now)
+
+    def _refuse_known(self, windows: Sequence[tuple[str, int, int]], now: int) -> None:
+        """429 when one of ``windows`` is remembered as over its limit."""
+        if self._exhausted:
+            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
 
     @staticmethod
     def _windows(events: Sequence[Event], now: int) -> list[tuple[str, int, int]]:
