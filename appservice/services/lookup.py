@@ -87,8 +87,9 @@ class LookupService:
                 f"Too many addresses: {len(addresses)} (at most {self._config.max_addresses})"
             )
         if algorithm == "sha256":
-            found = await self._mxids_by_hash(list(dict.fromkeys(addresses)))
-            return {a: found[a] for a in addresses if a in found}
+            # The addresses are the hashes, so what the index finds is the answer as it stands;
+            # a repeated address is matched (and answered) once.
+            return await self._mxids_by_hash(addresses)
         # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
         plain: dict[Any, tuple[str, str]] = {}
         for entry in addresses:
@@ -162,12 +163,14 @@ class LookupService:
                 found[missing[threepid]] = mxid
         return [(key, mxid) for h, mxid in found.items() for key in by_hash[h]]
 
-    async def _mxids_by_hash(self, hashes: list[str]) -> dict[str, str]:
+    async def _mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
         """Bindings first; the hashes they do not know, from the copied stores, in order."""
         found = await self._bindings.mxids_by_hash(hashes)
         if self._copies is None or not self._stores.listable or len(found) == len(hashes):
             return found
-        missing = [h for h in hashes if h not in found]
+        missing = list(dict.fromkeys(h for h in hashes if h not in found))
+        if not missing:
+            return found
         matches = await self._copies.matches_by_hash(missing)
         found.update(self._stores.first_by_order((m.lookup_hash, m.store, m.mxid) for m in matches))
         return found

@@ -59,6 +59,21 @@ async def test_sha256_lookup_maps_hits_and_leaves_out_misses(api: Api) -> None:
     assert body == {"mappings": {alice: "@alice:hs.test", bob: "@bob:hs.test"}}
 
 
+async def test_repeated_addresses_are_answered_once(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    await api.add_binding("email", "alice@example.com", "@alice:hs.test")
+    alice = lookup_hash("alice@example.com", "email", pepper)
+    missing = lookup_hash("carol@example.com", "email", pepper)
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": pepper, "addresses": [alice, missing] * 300},
+    )
+    assert (status, body) == (200, {"mappings": {alice: "@alice:hs.test"}})
+
+
 async def test_none_lookup_casefolds_emails_and_keeps_addresses_as_sent(api: Api) -> None:
     _, token = await api.register()
     pepper = await _pepper(api, token)
@@ -108,6 +123,13 @@ async def test_lookup_fields_are_checked(api: Api) -> None:
     assert "pepper" in body["error"] and "addresses" in body["error"]
     status, body = await api.request(
         "POST", LOOKUP, token=token, json={"algorithm": "sha256", "pepper": "p", "addresses": [1]}
+    )
+    assert (status, body["errcode"]) == (400, "M_BAD_JSON")
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": "p", "addresses": ["a", "b", None]},
     )
     assert (status, body["errcode"]) == (400, "M_BAD_JSON")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from tests.support.api_server import Api
 
 
@@ -49,6 +51,21 @@ async def test_body_with_nan_is_not_json(api: Api) -> None:
     status, body = await api.request(
         "POST", "/_matrix/identity/v2/account/register", data=b'{"expires_in": NaN}'
     )
+    assert (status, body["errcode"]) == (400, "M_NOT_JSON")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"expires_in": 1, "x": "\xff"}', id="invalid-utf8"),
+        pytest.param(b'{"x": "\\ud800"}', id="lone-surrogate"),
+        pytest.param(b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", id="nested-5000-deep"),
+        pytest.param(b'{"x": Infinity}', id="infinity"),
+        pytest.param(b'{"x": 1} trailing', id="trailing-data"),
+    ],
+)
+async def test_body_outside_json_is_400_not_json(api: Api, data: bytes) -> None:
+    status, body = await api.request("POST", "/_matrix/identity/v2/account/register", data=data)
     assert (status, body["errcode"]) == (400, "M_NOT_JSON")
 
 
