@@ -76,11 +76,11 @@ class BindingStore:
         return await self._read_mxids_by_hash(hashes)
 
     async def _read_mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        clause, params = self._db.in_list("lookup_hash", hashes)
-        # The hot path of every lookup: one indexed read (see AppDatabase.read).
-        rows = await self._db.read_tuples(
-            f"SELECT lookup_hash, mxid FROM bindings WHERE {clause}", *params
+        query, params = self._db.select_by_keys(
+            "bindings", ("lookup_hash", "mxid"), "lookup_hash", hashes
         )
+        # The hot path of every lookup: one indexed read (see AppDatabase.read).
+        rows = await self._db.read_tuples(query, *params)
         return dict(rows)  # (hash, mxid) pairs: SQLite tuples or asyncpg records
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:

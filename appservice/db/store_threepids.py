@@ -45,10 +45,10 @@ class StoreThreepidStore:
         """Every store entry whose lookup hash is among ``hashes`` (one indexed read)."""
         if not hashes:
             return []
-        clause, params = self._db.in_list("lookup_hash", hashes)
-        rows = await self._db.read_tuples(
-            f"SELECT lookup_hash, store, mxid FROM store_threepids WHERE {clause}", *params
+        query, params = self._db.select_by_keys(
+            "store_threepids", ("lookup_hash", "store", "mxid"), "lookup_hash", hashes
         )
+        rows = await self._db.read_tuples(query, *params)
         return [StoreMatch(row[0], row[1], row[2]) for row in rows]
 
     async def snapshot(self, store: str) -> Mapping3pid:
