@@ -82,6 +82,34 @@ class InviteStore:
             invite.resolved_ts,
         )
 
+    async def create_unless_bound(self, invite: Invite) -> bool:
+        """Store a new invite unless its 3PID has a binding (False then), in one statement: the
+        check and the write cost one round trip, and no binding committed before it is missed.
+
+        A binding committed while it runs can still be missed; the resolution job finds such an
+        invite later.
+        """
+        row = await self._db.fetchrow(
+            f"INSERT INTO invites ({_COLUMNS})"
+            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13"
+            " WHERE NOT EXISTS (SELECT 1 FROM bindings WHERE medium = $3 AND address = $4)"
+            " RETURNING id",
+            invite.id,
+            invite.token,
+            invite.medium,
+            invite.address,
+            invite.room_id,
+            invite.sender,
+            invite.display_name,
+            invite.ephemeral_public_key,
+            json.dumps(invite.details, sort_keys=True),
+            invite.created_ts,
+            invite.state,
+            invite.resolved_mxid,
+            invite.resolved_ts,
+        )
+        return row is not None
+
     async def delete_pending(self, invite_id: str) -> bool:
         """Remove a still pending invite (its email could not be sent); False when it was
         resolved meanwhile (then it has an onbind queued and must stay)."""

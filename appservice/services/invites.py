@@ -127,13 +127,6 @@ class InviteService:
         sender_limit = [("store_invite_sender", request.sender, self._sender_limit)]
         # A sender already known to be over the limit is refused before any mail is started.
         self._ratelimiter.refuse_if_exhausted(sender_limit)
-        # Both at once (one database round trip less); an attempt for a bound address counts too.
-        # They run while the invite and its email are prepared: the yield lets them send their
-        # queries first (a task does not start before its creator awaits something).
-        checks = asyncio.gather(
-            self._bindings.get("email", address), self._ratelimiter.hit_all(sender_limit)
-        )
-        await asyncio.sleep(0)
         ephemeral = nacl.signing.SigningKey.generate()
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
         invite = Invite(
@@ -154,25 +147,47 @@ class InviteService:
             resolved_mxid=None,
             resolved_ts=None,
         )
-        try:
-            message = self._invite_email(invite)
-        except BaseException:
-            await asyncio.gather(checks, return_exceptions=True)
-            raise
+        # The write (which checks the address is unbound in the same statement) and the rate
+        # limit's hit go out together, so the mail's gate waits for one database round trip,
+        # not two; an attempt for a bound address counts too. They run while the email is
+        # rendered: the yield lets them send their queries first (a task does not start
+        # before its creator awaits something).
+        checks = asyncio.gather(
+            self._invites.create_unless_bound(invite),
+            self._ratelimiter.hit_all(sender_limit),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0)
         stored = False
 
         async def check_and_store() -> bool:
-            # The email goes out while the checks run and the invite is stored; the server
-            # delivers it only once the invite is stored. A refusal raised here drops it.
+            # The email goes out while the invite is stored and the rate limit is counted; the
+            # server delivers it only once both succeeded. A refusal raised here drops it.
             nonlocal stored
-            bound, _ = await checks
-            if bound is not None:
-                raise MatrixError(
-                    400, "M_THREEPID_IN_USE", "This address is already bound", mxid=bound.mxid
-                )
-            await self._invites.create(invite)
-            stored = True
+            created, limited = await checks
+            stored = created is True
+            if isinstance(limited, BaseException):
+                # Over the limit: the invite written meanwhile is taken back.
+                if stored:
+                    stored = not await self._invites.delete_pending(invite.id)
+                raise limited
+            if isinstance(created, BaseException):
+                raise created
+            if not created:
+                bound = await self._bindings.get("email", address)
+                in_use = MatrixError(400, "M_THREEPID_IN_USE", "This address is already bound")
+                if bound is not None:  # else unbound again since; still refused
+                    in_use.extra["mxid"] = bound.mxid
+                raise in_use
             return True
+
+        try:
+            message = self._invite_email(invite)
+        except BaseException:
+            created, _ = await checks
+            if created is True:  # nothing half-written: the invite without its mail goes
+                await self._invites.delete_pending(invite.id)
+            raise
 
         try:
             await self._email.send_email(message, check_and_store())

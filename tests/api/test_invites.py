@@ -234,6 +234,48 @@ async def test_store_invite_for_a_bound_address_is_threepid_in_use(api: Api) -> 
     assert api.smtp.mails == []
 
 
+async def test_create_unless_bound_writes_only_for_an_unbound_address(api: Api) -> None:
+    store = InviteStore(api.server.db)
+    await api.add_binding("email", "bob@example.com", "@bob:hs.test")
+
+    def invite(invite_id: str, address: str) -> Invite:
+        return Invite(
+            id=invite_id,
+            token=f"tok-{invite_id}",
+            medium="email",
+            address=address,
+            room_id=ROOM,
+            sender="@alice:hs.test",
+            display_name="b...@e...",
+            ephemeral_public_key="key",
+            details={"room_name": "Room"},
+            created_ts=1,
+            state=PENDING,
+            resolved_mxid=None,
+            resolved_ts=None,
+        )
+
+    assert await store.create_unless_bound(invite("i1", "bob@example.com")) is False
+    assert await store.create_unless_bound(invite("i2", "carol@example.com")) is True
+    assert await store.by_id("i1") is None
+    assert await store.by_id("i2") == invite("i2", "carol@example.com")
+
+
+async def test_store_invite_whose_email_cannot_be_rendered_stores_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender, token = await api.register("alice")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("template broken")
+
+    monkeypatch.setattr(api.server.invites, "_invite_email", broken)
+    status, body = await store_invite(api, token, sender)
+    assert (status, body["errcode"]) == (500, "M_UNKNOWN")
+    assert await InviteStore(api.server.db).list(None, 10) == []
+    assert api.smtp.mails == []
+
+
 async def test_store_invite_with_unsupported_medium_is_unrecognized(api: Api) -> None:
     sender, token = await api.register("alice")
     status, body = await api.request(
