@@ -415,6 +415,11 @@ class TestRateLimits:
         status, body = await request_email(api, token, secret="e")
         assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
         assert api.smtp.connections == connections
+        # A retry of a session made before the limit still gets its sid back, without mail.
+        _, first = await request_email(api, token, secret="a")
+        retry_status, retried = await request_email(api, token, secret="a")
+        assert (retry_status, retried["sid"]) == (200, first["sid"])
+        assert api.smtp.connections == connections
         # The per-address bucket counted a, b and c only; the refused mail never arrived.
         assert await api.server.db.fetchval("SELECT MAX(hits) FROM rate_limits") == 3
         clock.advance(3600)
