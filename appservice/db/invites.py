@@ -62,26 +62,6 @@ class InviteStore:
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
 
-    async def create(self, invite: Invite) -> None:
-        """Store a new invite."""
-        await self._db.execute(
-            f"INSERT INTO invites ({_COLUMNS})"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            invite.id,
-            invite.token,
-            invite.medium,
-            invite.address,
-            invite.room_id,
-            invite.sender,
-            invite.display_name,
-            invite.ephemeral_public_key,
-            json.dumps(invite.details, sort_keys=True),
-            invite.created_ts,
-            invite.state,
-            invite.resolved_mxid,
-            invite.resolved_ts,
-        )
-
     async def create_unless_bound(self, invite: Invite) -> bool:
         """Store a new invite unless its 3PID has a binding (False then), in one statement: the
         check and the write cost one round trip, and no binding committed before it is missed.
