@@ -837,25 +837,18 @@ async def measure_limit(server: OurServer, settings: Settings, results: Results,
         hash_lists = lookup_batches(dataset.n, batch, settings.pool_sizes[batch], dataset.pepper)
         if dataset.backend == "sqlite":
             # One connection, one query at a time: the same for every client concurrency.
-            latencies, elapsed = await asyncio.to_thread(
-                _sqlite_limit,
-                server.sqlite_path,
-                hash_lists,
-                settings.duration,
-                settings.max_requests,
-            )
-            results.rows.append(_limit_record(dataset, batch, 1, rep, latencies, elapsed))
-            latencies, elapsed = await asyncio.to_thread(
-                _sqlite_limit,
-                server.sqlite_path,
-                hash_lists,
-                settings.duration,
-                settings.max_requests,
-                True,
-            )
-            results.rows.append(
-                _limit_record(dataset, batch, 1, rep, latencies, elapsed, "limit join")
-            )
+            for join, label in ((False, "limit"), (True, "limit join")):
+                latencies, elapsed = await asyncio.to_thread(
+                    _sqlite_limit,
+                    server.sqlite_path,
+                    hash_lists,
+                    settings.duration,
+                    settings.max_requests,
+                    join,
+                )
+                results.rows.append(
+                    _limit_record(dataset, batch, 1, rep, latencies, elapsed, label)
+                )
         else:
             for c in settings.concurrency:
                 latencies, elapsed = await _postgres_limit(
