@@ -182,51 +182,82 @@ class SessionService:
         ]
         # A client or address already known to be over its limit is refused before any sending.
         self._ratelimiter.refuse_if_exhausted(limits)
+        if existing is not None:
+            return await self._resend(
+                existing, limits, send_attempt, next_link, token=token, prepare=prepare, send=send
+            )
+        now = self._clock.now_ms()
+        session = ValidationSession(
+            sid=secrets.token_urlsafe(16),
+            medium=medium,
+            address=address,
+            client_secret=client_secret,
+            token_hash=_token_hash(token),
+            send_attempt=send_attempt,
+            next_link=next_link,
+            created_ts=now,
+            modified_ts=now,
+            validated_ts=None,
+            failed_attempts=0,
+        )
+        # The session is written and the rate limits are counted together, in one database
+        # round trip, while the message is rendered (the yield lets both send their queries
+        # first). Over a limit, the session written meanwhile is taken back.
+        checks = asyncio.gather(
+            self._store.create(session), self._ratelimiter.hit_all(limits), return_exceptions=True
+        )
+        await asyncio.sleep(0)
+        stored: ValidationSession | None = None
+
+        async def check_and_store() -> bool:
+            # The message goes out while the session is stored and the limits counted; it is
+            # delivered only if this request's session is the one stored. A refusal (429)
+            # raised here drops it.
+            nonlocal stored
+            created, limited = await checks
+            if isinstance(created, BaseException):
+                raise created
+            stored = created
+            if isinstance(limited, BaseException):
+                raise limited
+            return created.token_hash == session.token_hash
+
+        try:
+            message = prepare(session.sid, token)
+            await send(message, check_and_store())
+        except BaseException:
+            if stored is None:  # e.g. a failed render: the session may be written all the same
+                created, _ = await checks
+                stored = created if isinstance(created, ValidationSession) else None
+            if stored is not None and stored.token_hash == session.token_hash:
+                await self._store.delete(session.sid)  # nothing half-written
+            raise
+        assert stored is not None
+        if stored.token_hash != session.token_hash:
+            return stored.sid  # created concurrently by an identical request
+        log.info("validation session %s created (%s)", session.sid, medium)
+        return session.sid
+
+    async def _resend(
+        self,
+        existing: ValidationSession,
+        limits: list[Event],
+        send_attempt: int,
+        next_link: str | None,
+        *,
+        token: str,
+        prepare: Callable[[str, str], Message],
+        send: Callable[[Message, Gate | None], Awaitable[bool]],
+    ) -> str:
+        """A higher ``send_attempt`` for ``existing``: a new token replaces the old one, is sent."""
         hit = asyncio.ensure_future(self._ratelimiter.hit_all(limits))
         # The message is rendered while the rate limits are counted (the yield starts that).
         await asyncio.sleep(0)
-        sid = existing.sid if existing is not None else secrets.token_urlsafe(16)
         try:
-            message = prepare(sid, token)
+            message = prepare(existing.sid, token)
         except BaseException:
             await asyncio.gather(hit, return_exceptions=True)
             raise
-        now = self._clock.now_ms()
-        if existing is None:
-            session = ValidationSession(
-                sid=sid,
-                medium=medium,
-                address=address,
-                client_secret=client_secret,
-                token_hash=_token_hash(token),
-                send_attempt=send_attempt,
-                next_link=next_link,
-                created_ts=now,
-                modified_ts=now,
-                validated_ts=None,
-                failed_attempts=0,
-            )
-            stored: list[ValidationSession] = []
-
-            async def check_and_store() -> bool:
-                # The message goes out while the rate limits are counted and the session is
-                # stored; it is delivered only if this request's session is the one stored. A
-                # refusal (429) raised here drops it.
-                await hit
-                stored.append(await self._store.create(session))
-                return stored[0].token_hash == session.token_hash
-
-            try:
-                await send(message, check_and_store())
-            except MatrixError:
-                if stored and stored[0].token_hash == session.token_hash:
-                    await self._store.delete(session.sid)  # nothing half-written
-                raise
-            if stored[0].token_hash != session.token_hash:
-                return stored[0].sid  # created concurrently by an identical request
-            log.info("validation session %s created (%s)", session.sid, medium)
-            return session.sid
-        # A higher send_attempt: a new token replaces the old one and is sent.
         await hit
         new_hash = _token_hash(token)
         if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
@@ -236,7 +267,7 @@ class SessionService:
         except MatrixError:
             await self._store.revert_resend(existing, new_hash)  # the old token stays valid
             raise
-        log.info("validation session %s: token sent again (%s)", existing.sid, medium)
+        log.info("validation session %s: token sent again (%s)", existing.sid, existing.medium)
         return existing.sid
 
     async def _live_session(self, sid: str, client_secret: str) -> ValidationSession:

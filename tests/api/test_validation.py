@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from appservice.clock import FakeClock
+from appservice.db.ratelimits import RateLimitStore
 from tests.support.api_server import Api
 
 V2 = "/_matrix/identity/v2"
@@ -379,6 +381,37 @@ async def test_email_send_failure_is_reported_and_stores_nothing(api: Api) -> No
     assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
 
 
+async def test_email_that_cannot_be_rendered_stores_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, token = await api.register()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("template broken")
+
+    monkeypatch.setattr(api.server.generator, "validation_email", broken)
+    status, body = await request_email(api, token)
+    assert (status, body["errcode"]) == (500, "M_UNKNOWN")
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+    assert api.smtp.mails == []
+
+
+async def test_failing_rate_limit_count_stores_nothing_and_sends_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, token = await api.register()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(RateLimitStore, "hit", broken)
+    status, body = await request_email(api, token)
+    assert (status, body["errcode"]) == (500, "M_UNKNOWN")
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+    await asyncio.sleep(0.2)  # a mail that was wrongly delivered would have arrived by now
+    assert api.smtp.mails == []
+
+
 async def test_failed_resend_keeps_the_old_token_valid(api: Api) -> None:
     _, token = await api.register()
     _, body = await request_email(api, token, attempt=1)
@@ -410,6 +443,13 @@ class TestRateLimits:
         status, body = await request_email(api, token, secret="c")
         assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
         assert 0 < int(body["retry_after_ms"]) <= 3_600_000
+        # The session written while the limit was counted was taken back.
+        assert (
+            await api.server.db.fetchval(
+                "SELECT COUNT(*) FROM validation_sessions WHERE client_secret = 'c'"
+            )
+            == 0
+        )
         # Known to be over the limit now: refused without counting and without any SMTP.
         connections = api.smtp.connections
         status, body = await request_email(api, token, secret="e")
