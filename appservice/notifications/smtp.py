@@ -69,6 +69,10 @@ class _SessionLink(asyncio.Protocol):
         self._replies: collections.deque[SMTPResponse] = collections.deque()
         self._failure: aiosmtplib.SMTPException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # One timer watches the reply being waited for: it is re-armed to the current deadline
+        # when it fires, rather than a timer made and cancelled for every reply.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def is_connected(self) -> bool:
@@ -105,20 +109,33 @@ class _SessionLink(asyncio.Protocol):
         cast(asyncio.WriteTransport, self._transport).write(data)
 
     async def reply(self) -> SMTPResponse:
-        """The next reply, in the order the commands were written."""
+        """The next reply, in the order the commands were written; the connection is closed
+        when none came within the reply timeout (a late one would be taken for the next
+        command's)."""
         if not self._replies and self._failure is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            self._deadline = loop.time() + self._reply_timeout
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._check_deadline)
             try:
-                await asyncio.wait_for(self._waiter, self._reply_timeout)
-            except TimeoutError as e:
-                self.close()  # a late reply would be taken for the next command's
-                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for a reply") from e
+                await self._waiter
             finally:
                 self._waiter = None
         if self._replies:
             return self._replies.popleft()
         assert self._failure is not None
         raise self._failure
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._waiter is None or self._failure is not None:
+            return  # nothing awaited: the next wait arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._fail(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for a reply"))
+        else:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     def close(self) -> None:
         """Close the connection now (a message in progress is discarded by the server)."""
@@ -137,6 +154,9 @@ class _SessionLink(asyncio.Protocol):
         if self._failure is None:
             self._failure = failure
             self._transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
 
     def _wake(self) -> None:

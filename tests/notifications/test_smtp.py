@@ -445,6 +445,24 @@ async def test_a_server_that_stops_answering_times_out_and_its_session_is_droppe
         await connector.close()
 
 
+async def test_each_reply_gets_the_whole_timeout_on_a_kept_session(sink: SmtpSink) -> None:
+    connector = SmtpConnector(smtp_config(sink, timeout=Duration(0.4)), SENDER)
+    try:
+        await connector.send_email(simple("first@example.com"))
+        # The first mail's wait armed the session's timer; this reply comes after that timer's
+        # first deadline but within its own timeout.
+        await asyncio.sleep(0.25)
+        sink.data_delay = 0.3
+        await connector.send_email(simple("second@example.com"))
+        sink.data_delay = 0.0
+        await asyncio.sleep(0.5)  # the timer fires with nothing awaited, then stays disarmed
+        await connector.send_email(simple("third@example.com"))
+        await sink.wait_until(lambda: len(sink.mails) == 3)
+        assert {m.connection for m in sink.mails} == {1}
+    finally:
+        await connector.close()
+
+
 async def test_server_down_is_a_transient_error(caplog: pytest.LogCaptureFixture) -> None:
     config = SmtpConfig(host="127.0.0.1", port=free_port(), timeout=Duration(5))
     with caplog.at_level(logging.WARNING), pytest.raises(NotificationError) as raised:
