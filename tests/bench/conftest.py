@@ -8,5 +8,6 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker (unknown markers are errors under ``filterwarnings = error``)."""
     config.addinivalue_line(
-        "markers", "bench: smoke test of bench/run.py (deselect with -m 'not bench')"
+        "markers",
+        "bench: bench/run.py's smoke test and its SMTP sink's tests (deselect with -m 'not bench')",
     )

@@ -26,7 +26,7 @@ def _table_rows(report: str, server: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 17 and cells[2] == server:
+        if len(cells) == 18 and cells[2] == server:
             rows[(cells[3], cells[4])] = cells
     return rows
 
@@ -62,6 +62,7 @@ def test_quick_bench_prints_every_row_and_delivers_every_mail(tmp_path: Path) ->
         for concurrency in ("1", "32"):
             delivered, ok = ours[(request, concurrency)][14].split("/")
             assert delivered == ok != "0", (request, concurrency, delivered, ok)
+            assert float(ours[(request, concurrency)][15]) > 0  # sink CPU ms/mail
 
     limit = _table_rows(report, "limit")
     assert {request for request, _ in limit} == {"lookup 1", "lookup 100", "lookup 1000"}
