@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from appservice.db.database import AppDatabase
 
@@ -39,5 +40,16 @@ async def test_a_transaction_cancelled_midway_is_rolled_back(database_url: str) 
             wrapped = conn.wrapped
             in_txn = wrapped.is_in_transaction() if db.is_postgres else wrapped.in_transaction
             assert not in_txn
+    finally:
+        await db.stop()
+
+
+async def test_sqlite_runs_in_wal_mode_with_normal_synchronous(tmp_path: Path) -> None:
+    # What README's Storage section promises operators about durability on SQLite.
+    db = AppDatabase(f"sqlite:{tmp_path / 'identity.db'}")
+    await db.start()
+    try:
+        assert await db.fetchval("PRAGMA journal_mode") == "wal"
+        assert await db.fetchval("PRAGMA synchronous") == 1  # NORMAL
     finally:
         await db.stop()
