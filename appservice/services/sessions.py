@@ -170,6 +170,10 @@ class SessionService:
         """Create or re-send a session: ``prepare(sid, token)`` renders the message, ``send``
         sends it, delivering it only if its gate (storing the session) says yes."""
         existing = await self._store.by_key(medium, address, client_secret)
+        if existing is not None and self._expired(existing):
+            # A dead session is not resumed (its tokens could never validate): a new one starts.
+            await self._store.delete(existing.sid)
+            existing = None
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
         limits: list[Event] = [
@@ -270,6 +274,10 @@ class SessionService:
         log.info("validation session %s: token sent again (%s)", existing.sid, existing.medium)
         return existing.sid
 
+    def _expired(self, session: ValidationSession) -> bool:
+        """Whether ``session`` outlived ``session.lifetime`` since it last changed."""
+        return self._clock.now_ms() - session.modified_ts > self._config.lifetime * 1000
+
     async def _live_session(self, sid: str, client_secret: str) -> ValidationSession:
         """The session for ``sid`` if ``client_secret`` matches and it has not expired."""
         self._check_client_secret(client_secret)
@@ -278,7 +286,7 @@ class SessionService:
             session.client_secret.encode(), client_secret.encode()
         ):
             raise MatrixError(404, "M_NO_VALID_SESSION", "No valid session was found")
-        if self._clock.now_ms() - session.modified_ts > self._config.lifetime * 1000:
+        if self._expired(session):
             raise MatrixError(
                 400, "M_SESSION_EXPIRED", "This validation session has expired: start a new one"
             )

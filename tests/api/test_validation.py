@@ -217,6 +217,30 @@ async def test_session_expires_after_its_lifetime(api: Api, clock: FakeClock) ->
     assert (status, err["errcode"]) == (400, "M_SESSION_EXPIRED")
 
 
+@pytest.mark.parametrize("attempt", [1, 2])
+async def test_request_token_for_an_expired_session_starts_a_new_one(
+    api: Api, clock: FakeClock, attempt: int
+) -> None:
+    _, token = await api.register()
+    _, first = await request_email(api, token)
+    await api.smtp.wait_for(1)
+    clock.advance(24 * 3600 + 1)
+    # The same or a higher send_attempt: either way the dead session is not resumed.
+    status, second = await request_email(api, token, attempt=attempt)
+    assert status == 200
+    assert second["sid"] != first["sid"]
+    await api.smtp.wait_for(2)
+    link = link_from_mail(api)
+    assert link["sid"] == second["sid"]
+    assert await api.request(
+        "POST",
+        EMAIL_SUBMIT,
+        token=token,
+        json={"sid": second["sid"], "client_secret": "s3cret", "token": link["token"]},
+    ) == (200, {"success": True})
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 1
+
+
 async def test_validation_extends_the_session_and_expired_ones_are_purged(
     api: Api, clock: FakeClock
 ) -> None:
