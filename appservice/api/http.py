@@ -78,7 +78,8 @@ async def matrix_middleware(request: web.Request, handler: Handler) -> web.Strea
                 response = error_response(MatrixError(e.status, errcode, message))
             elif e.status >= 400:
                 response = error_response(MatrixError(e.status, "M_UNKNOWN", e.reason))
-            else:
+            else:  # a redirect, which aiohttp sends from the exception itself
+                e.headers.update(CORS_HEADERS)
                 raise
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
