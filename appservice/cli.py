@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate`` and
+"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate|revoke`` and
 ``invites list|show|expire|retry``."""
 
 from __future__ import annotations
@@ -78,8 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     _with_config(key_commands.add_parser("show", help="list the signing keys"))
     _with_config(
-        key_commands.add_parser("rotate", help="make a new current key; older keys become invalid")
+        key_commands.add_parser(
+            "rotate",
+            help="make a new current key; older keys stay valid for the invites stored under them",
+        )
     )
+    revoke = _with_config(
+        key_commands.add_parser(
+            "revoke", help="mark a key invalid (pubkey/isvalid false), e.g. a leaked one"
+        )
+    )
+    revoke.add_argument("key_id", metavar="KEY_ID", help="e.g. ed25519:0 (not the current key)")
     registration = _with_config(
         commands.add_parser(
             "generate-registration",
@@ -195,7 +204,7 @@ async def _migrate(config: Config) -> list[int]:
         await db.stop()
 
 
-async def _keys(config: Config, action: str) -> None:
+async def _keys(config: Config, action: str, key_id: str | None = None) -> int:
     keyring = KeyRing.load_or_create(Path(config.keys.signing_key_path))
     db = AppDatabase(config.database.url)
     await db.start()
@@ -206,10 +215,19 @@ async def _keys(config: Config, action: str) -> None:
         if action == "rotate":
             new = keyring.rotate()
             await store.register(new.key_id, new.public_key, now_ms)
-            revoked = await store.revoke_all_except(new.key_id, now_ms)
             print(f"new current key {new.key_id} {new.public_key}")
-            if revoked:
-                print("revoked: " + ", ".join(revoked))
+        elif action == "revoke":
+            await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
+            if key_id == keyring.current.key_id:
+                print(
+                    f"{key_id} is the current key: run `keys rotate` first, then revoke it",
+                    file=sys.stderr,
+                )
+                return 1
+            if key_id is None or not await store.revoke(key_id, now_ms):
+                print(f"no valid key {key_id} to revoke", file=sys.stderr)
+                return 1
+            print(f"revoked {key_id}")
         else:
             await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
         current = keyring.current.key_id
@@ -219,6 +237,7 @@ async def _keys(config: Config, action: str) -> None:
             print(f"{key.key_id} {key.public_key} {state}{mark}")
     finally:
         await db.stop()
+    return 0
 
 
 # --- invites ------------------------------------------------------------------------------------
@@ -492,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(_migrate(config))
             print(f"applied {applied}" if applied else "database is up to date")
         elif args.command == "keys":
-            asyncio.run(_keys(config, args.keys_command))
+            return asyncio.run(_keys(config, args.keys_command, getattr(args, "key_id", None)))
         elif args.command == "invites":
             return asyncio.run(_invites(config, args))
     except ConfigError as e:

@@ -1,7 +1,8 @@
 """The long-term ed25519 signing keys of this server (signedjson key file format).
 
 The key file holds one key per line (``ed25519 <version> <seed>``); the first line is the current
-key, later lines are earlier keys kept for the record after ``keys rotate``.
+key, later lines are earlier keys kept after ``keys rotate``: an invite's onbind is signed with the
+key its store-invite answered with.
 """
 
 from __future__ import annotations
@@ -65,17 +66,22 @@ class KeyRing:
         """The key used for new signatures."""
         return _public(self._keys[0])
 
-    def sign(self, obj: dict[str, Any], server_name: str) -> dict[str, Any]:
-        """A signed copy of ``obj`` (Matrix "Signing JSON"); floats are refused."""
+    def sign(
+        self, obj: dict[str, Any], server_name: str, key_id: str | None = None
+    ) -> dict[str, Any]:
+        """A signed copy of ``obj`` (Matrix "Signing JSON"); floats are refused.
+
+        Signed with the key ``key_id`` while the key file holds it, else with the current key.
+        """
         if _contains_float(obj):
             raise ValueError("signed JSON must not contain floats")
-        signed: dict[str, Any] = signedjson.sign.sign_json(
-            copy.deepcopy(obj), server_name, self._keys[0]
-        )
+        key = next((k for k in self._keys if f"{k.alg}:{k.version}" == key_id), self._keys[0])
+        signed: dict[str, Any] = signedjson.sign.sign_json(copy.deepcopy(obj), server_name, key)
         return signed
 
     def rotate(self) -> PublicKey:
-        """Make a new current key (next integer version), keeping the old ones in the file."""
+        """Make a new current key (next integer version), keeping the old ones in the file: they
+        still sign the onbind notifications of invites stored under them."""
         versions = [int(k.version) for k in self._keys if str(k.version).isdigit()]
         new_key = signedjson.key.generate_signing_key(str(max(versions, default=-1) + 1))
         self._keys = [new_key, *self._keys]

@@ -30,11 +30,13 @@ class Invite:
     state: str
     resolved_mxid: str | None
     resolved_ts: int | None
+    # The long-term key store-invite answered with (None for invites from before it was kept).
+    signing_key_id: str | None = None
 
 
 _COLUMNS = (
     "id, token, medium, address, room_id, sender, display_name, ephemeral_public_key, details,"
-    " created_ts, state, resolved_mxid, resolved_ts"
+    " created_ts, state, resolved_mxid, resolved_ts, signing_key_id"
 )
 
 
@@ -53,6 +55,7 @@ def _invite(row: Any) -> Invite:
         state=row["state"],
         resolved_mxid=row["resolved_mxid"],
         resolved_ts=row["resolved_ts"],
+        signing_key_id=row["signing_key_id"],
     )
 
 
@@ -71,7 +74,7 @@ class InviteStore:
         """
         row = await self._db.fetchrow(
             f"INSERT INTO invites ({_COLUMNS})"
-            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13"
+            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14"
             " WHERE NOT EXISTS (SELECT 1 FROM bindings WHERE medium = $3 AND address = $4)"
             " RETURNING id",
             invite.id,
@@ -87,6 +90,7 @@ class InviteStore:
             invite.state,
             invite.resolved_mxid,
             invite.resolved_ts,
+            invite.signing_key_id,
         )
         return row is not None
 

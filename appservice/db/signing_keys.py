@@ -33,15 +33,15 @@ class SigningKeyStore:
             now_ms,
         )
 
-    async def revoke_all_except(self, key_id: str, now_ms: int) -> list[str]:
-        """Revoke every other key that is still valid; returns their ids."""
+    async def revoke(self, key_id: str, now_ms: int) -> bool:
+        """Revoke one key; False when there is no such key still valid."""
         rows = await self._db.fetch(
-            "UPDATE signing_keys SET revoked_ts = $2 WHERE key_id <> $1 AND revoked_ts IS NULL"
+            "UPDATE signing_keys SET revoked_ts = $2 WHERE key_id = $1 AND revoked_ts IS NULL"
             " RETURNING key_id",
             key_id,
             now_ms,
         )
-        return sorted(row["key_id"] for row in rows)
+        return bool(rows)
 
     async def by_id(self, key_id: str) -> StoredSigningKey | None:
         """A key by id."""

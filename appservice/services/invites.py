@@ -128,6 +128,7 @@ class InviteService:
         # A sender already known to be over the limit is refused before any mail is started.
         self._ratelimiter.refuse_if_exhausted(sender_limit)
         ephemeral = nacl.signing.SigningKey.generate()
+        server_key = self._keyring.current
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
         invite = Invite(
             # Hex: an id never starts with "-", which a command line would take for an option.
@@ -146,6 +147,7 @@ class InviteService:
             state=PENDING,
             resolved_mxid=None,
             resolved_ts=None,
+            signing_key_id=server_key.key_id,
         )
         # The write (which checks the address is unbound in the same statement) and the rate
         # limit's hit go out together, so the mail's gate waits for one database round trip,
@@ -200,18 +202,17 @@ class InviteService:
             # the invitee's homeserver already, so the invitation stands without the email.
             log.warning("invite %s: email failed, but the address was bound meanwhile", invite.id)
         log.info("stored invite %s to room %s by %s", invite.id, invite.room_id, invite.sender)
-        server_key = self._keyring.current.public_key
         base = f"{self._public_base_url}/_matrix/identity/v2/pubkey"
         return {
             "token": invite.token,
             "public_keys": [
-                {"public_key": server_key, "key_validity_url": f"{base}/isvalid"},
+                {"public_key": server_key.public_key, "key_validity_url": f"{base}/isvalid"},
                 {
                     "public_key": invite.ephemeral_public_key,
                     "key_validity_url": f"{base}/ephemeral/isvalid",
                 },
             ],
-            "public_key": server_key,
+            "public_key": server_key.public_key,
             "display_name": invite.display_name,
         }
 
@@ -253,7 +254,11 @@ class InviteService:
         return normalised is not None and await self._invites.has_pending_key(normalised)
 
     def _onbind_body(self, invite: Invite, mxid: str) -> dict[str, Any]:
-        signed = self._keyring.sign({"mxid": mxid, "token": invite.token}, self._server_name)
+        # Signed with the key the invite was stored under: the room's invite event lists that key
+        # (and the ephemeral one), so the homeserver can check the signature after a rotation.
+        signed = self._keyring.sign(
+            {"mxid": mxid, "token": invite.token}, self._server_name, invite.signing_key_id
+        )
         return {
             "medium": invite.medium,
             "address": invite.address,

@@ -14,8 +14,10 @@ import signedjson.sign
 from unpaddedbase64 import encode_base64
 
 from appservice.clock import FakeClock
+from appservice.crypto.signing import PublicKey
 from appservice.db.invites import BOUND, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, OutboxEntry, OutboxStore
+from appservice.db.signing_keys import SigningKeyStore
 from tests.api.test_bind import BIND, lookup, validated_session
 from tests.support.api_server import Api
 
@@ -84,13 +86,16 @@ async def outbox_of(api: Api, invite_id: str) -> list[OutboxEntry]:
     return await OutboxStore(api.server.db).for_invite(invite_id)
 
 
-def verify_server_signature(api: Api, signed: dict[str, Any]) -> None:
-    """Check ``signed`` carries a valid signature of the server's long-term key."""
-    current = api.server.keyring.current
-    algorithm, version = current.key_id.split(":")
-    verify_key = signedjson.key.decode_verify_key_base64(algorithm, version, current.public_key)
-    assert set(signed["signatures"]) == {api.server.config.server.name}
-    signedjson.sign.verify_signed_json(signed, api.server.config.server.name, verify_key)
+def verify_server_signature(api: Api, signed: dict[str, Any], key: PublicKey | None = None) -> None:
+    """Check ``signed`` carries a valid signature of the server's long-term ``key`` (by default
+    the current one), and no other."""
+    key = key or api.server.keyring.current
+    algorithm, version = key.key_id.split(":")
+    verify_key = signedjson.key.decode_verify_key_base64(algorithm, version, key.public_key)
+    server_name = api.server.config.server.name
+    assert set(signed["signatures"]) == {server_name}
+    assert set(signed["signatures"][server_name]) == {key.key_id}
+    signedjson.sign.verify_signed_json(signed, server_name, verify_key)
 
 
 async def key_is_valid(api: Api, validity_url: str, public_key: str) -> bool:
@@ -550,6 +555,34 @@ async def test_binding_the_invited_address_delivers_a_signed_onbind(api: Api) ->
     # Nothing more to send.
     assert await api.server.delivery_job.run_once() == 0
     assert len(api.homeserver.onbind_bodies) == 1
+
+
+async def test_an_invite_stored_before_a_key_rotation_is_signed_with_its_own_key(
+    api: Api,
+) -> None:
+    alice, alice_token = await api.register("alice")
+    _, before = await store_invite(api, alice_token, alice, "bob@example.com")
+    old_key = api.server.keyring.current
+    assert before["public_key"] == old_key.public_key
+    # `keys rotate` (the key file and the database), as the CLI does it.
+    new_key = api.server.keyring.rotate()
+    await SigningKeyStore(api.server.db).register(new_key.key_id, new_key.public_key, 0)
+    _, after = await store_invite(
+        api, alice_token, alice, "bob@example.com", room_id="!two:hs.test"
+    )
+    assert after["public_key"] == new_key.public_key
+
+    await bind(api, "bob@example.com", "bob")
+    assert await api.server.delivery_job.run_once() == 2
+    signed = {
+        b["invites"][0]["signed"]["token"]: b["invites"][0]["signed"]
+        for b in api.homeserver.onbind_accepted
+    }
+    # Each onbind is signed with the key its room's invite event lists, which stays valid.
+    verify_server_signature(api, signed[before["token"]], old_key)
+    verify_server_signature(api, signed[after["token"]], new_key)
+    for key in (old_key, new_key):
+        assert await key_is_valid(api, f"https://id.test{ISVALID}", key.public_key)
 
 
 async def test_every_pending_invite_of_the_address_gets_its_own_onbind(api: Api) -> None:

@@ -44,7 +44,7 @@ def test_help_lists_the_commands() -> None:
     for command in ("run", "generate-config", "migrate", "keys"):
         assert command in result.stdout
     keys_help = _cli("keys", "--help")
-    assert "show" in keys_help.stdout and "rotate" in keys_help.stdout
+    assert all(action in keys_help.stdout for action in ("show", "rotate", "revoke"))
 
 
 def test_first_run_creates_config_key_and_database_then_serves(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_a_store_that_cannot_start_stops_the_server_with_a_clear_error(tmp_path:
     assert "Traceback" not in result.stderr
 
 
-async def test_keys_rotate_makes_old_key_invalid(
+async def test_keys_rotate_keeps_old_keys_valid_and_revoke_invalidates_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "config.yaml"
@@ -165,14 +165,34 @@ async def test_keys_rotate_makes_old_key_invalid(
     result = _cli("keys", "rotate", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert "new current key ed25519:1" in result.stdout
-    assert "revoked: ed25519:0" in result.stdout
+    assert f"ed25519:0 {old.public_key} valid" in result.stdout
 
     server = IdentityServer(load_config(path, environ={}))
     await server.start()
     try:
         assert server.keyring.current.key_id == "ed25519:1"
         assert await server.keys.is_valid(server.keyring.current.public_key)
+        # Invites stored under the old key still need it: it stays valid.
+        assert await server.keys.is_valid(old.public_key)
+    finally:
+        await server.stop()
+
+    refused = _cli("keys", "revoke", "ed25519:1", "-c", str(path))
+    assert refused.returncode == 1
+    assert "current key" in refused.stderr
+    unknown = _cli("keys", "revoke", "ed25519:7", "-c", str(path))
+    assert unknown.returncode == 1
+    assert "no valid key ed25519:7" in unknown.stderr
+
+    revoked = _cli("keys", "revoke", "ed25519:0", "-c", str(path))
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked ed25519:0" in revoked.stdout
+
+    server = IdentityServer(load_config(path, environ={}))
+    await server.start()
+    try:
         assert not await server.keys.is_valid(old.public_key)
+        assert await server.keys.is_valid(server.keyring.current.public_key)
         assert await server.keys.public_key("ed25519:0") == old.public_key
     finally:
         await server.stop()
