@@ -520,3 +520,51 @@ class TestValidationDisabled:
         status, body = await request_email(api, token)
         assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
         assert "disabled" in body["error"]
+
+
+def _twilio_says_invalid_number(api: Api) -> None:
+    api.twilio.invalid_numbers.add("+442079460018")  # 400, error 21211
+
+
+def _twilio_refuses_our_credentials(api: Api) -> None:
+    api.twilio.auth_token = "rotated-elsewhere"  # 401, error 20003
+
+
+def _twilio_is_down(api: Api) -> None:
+    api.twilio.outage_status = 503  # not JSON, transient
+
+
+@pytest.mark.parametrize(
+    "break_twilio",
+    [_twilio_says_invalid_number, _twilio_refuses_our_credentials, _twilio_is_down],
+)
+async def test_sms_send_failure_is_send_error_and_stores_nothing(
+    api: Api, break_twilio: Any
+) -> None:
+    """Twilio refusing for any reason but the destination is ``M_SEND_ERROR``, not
+    ``M_DESTINATION_REJECTED``; no session is left behind, so the same attempt can be retried."""
+    _, token = await api.register()
+    twilio_sid, twilio_token = api.twilio.account_sid, api.twilio.auth_token
+    break_twilio(api)
+    request = {
+        "client_secret": "s",
+        "country": "GB",
+        "phone_number": "020 7946 0018",
+        "send_attempt": 1,
+    }
+    status, body = await api.request("POST", MSISDN_REQUEST, token=token, json=request)
+    assert (status, body["errcode"]) == (400, "M_SEND_ERROR"), body
+    assert "2079460018" not in body["error"]  # the number is not echoed back
+    assert len(api.twilio.requests) == 1  # Twilio was asked, and refused
+    assert api.twilio.messages == []
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 0
+
+    # Once Twilio works again, the very same request (same send_attempt) sends an SMS: a failed
+    # send left no session that would answer the retry with a sid and send nothing.
+    api.twilio.invalid_numbers.clear()
+    api.twilio.outage_status = None
+    api.twilio.account_sid, api.twilio.auth_token = twilio_sid, twilio_token
+    status, body = await api.request("POST", MSISDN_REQUEST, token=token, json=request)
+    assert status == 200, body
+    assert [sms.to for sms in api.twilio.messages] == ["+442079460018"]
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM validation_sessions") == 1

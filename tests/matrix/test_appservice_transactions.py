@@ -353,3 +353,68 @@ async def test_handled_transaction_ids_are_forgotten_after_a_week(
     assert await actions_of(quiet.server) == []
     assert await homeserver_side.transaction("old", [event]) == (200, {})
     assert len(await actions_of(quiet.server)) == 1
+
+
+# The homeserver's user query (GET /users/{userId}): 200 only once the user exists on the
+# homeserver. With the homeserver down at start-up, the background registration has registered
+# nobody, so the query itself must register.
+
+EXPIRED_LOCALPART = EXPIRED_USER[1:].split(":")[0]
+BOT_LOCALPART = BOT[1:].split(":")[0]
+
+
+@pytest.mark.parametrize("homeserver_down", [True])
+async def test_user_query_for_the_expired_user_registers_it_first(
+    quiet: Api, homeserver_side: HomeserverSide, client_api: FakeClientApi
+) -> None:
+    await client_api.come_up()
+    assert EXPIRED_USER not in client_api.registered
+    # Synapse percent-encodes the user ID in the path.
+    path = "/_matrix/app/v1/users/%40_identity_invite_expired%3Ahs.test"
+    assert await homeserver_side.request("GET", path) == (200, {})
+    [register] = client_api.calls_of("register")
+    assert register.status == 200
+    assert register.body["username"] == EXPIRED_LOCALPART
+    assert register.body["type"] == "m.login.application_service"
+    assert EXPIRED_USER in client_api.registered
+    # Asked again (here on the legacy path): still 200, and not registered a second time.
+    assert await homeserver_side.request("GET", f"/users/{EXPIRED_USER}") == (200, {})
+    assert len(client_api.calls_of("register")) == 1
+
+
+@pytest.mark.parametrize("homeserver_down", [True])
+async def test_user_query_for_the_bot_accepts_that_it_already_exists(
+    quiet: Api, homeserver_side: HomeserverSide, client_api: FakeClientApi
+) -> None:
+    await client_api.come_up()
+    # The homeserver created the bot (sender_localpart) itself: registering it is M_USER_IN_USE.
+    assert await homeserver_side.request("GET", f"/_matrix/app/v1/users/{BOT}") == (200, {})
+    [register] = client_api.calls_of("register")
+    assert (register.status, register.body["username"]) == (400, BOT_LOCALPART)
+    assert await homeserver_side.request("GET", f"/users/{BOT}") == (200, {})
+    assert len(client_api.calls_of("register")) == 1
+
+
+@pytest.mark.parametrize("homeserver_down", [True])
+@pytest.mark.parametrize("user_id", [EXPIRED_USER, BOT])
+async def test_user_query_is_502_when_the_user_cannot_be_registered(
+    quiet: Api, homeserver_side: HomeserverSide, client_api: FakeClientApi, user_id: str
+) -> None:
+    path = f"/_matrix/app/v1/users/{user_id}"
+    # The homeserver cannot be reached (it went down after asking)...
+    status, answer = await homeserver_side.request("GET", path)
+    assert (status, answer["errcode"]) == (502, "M_UNKNOWN")
+    assert client_api.calls == []
+    # ...or refuses the registration.
+    await client_api.come_up()
+    refusals: list[Any] = [500, (403, {"errcode": "M_EXCLUSIVE", "error": "not yours"})]
+    client_api.fail_next("register", *refusals)
+    for refusal in refusals:
+        status, answer = await homeserver_side.request("GET", path)
+        assert (status, answer["errcode"]) == (502, "M_UNKNOWN"), refusal
+    assert [c.status for c in client_api.calls_of("register")] == [500, 403]
+    assert client_api.registered == {client_api.bot_user_id}  # as before: nothing new
+    # A failure is not remembered as a registration: the next query registers and says 200.
+    assert await homeserver_side.request("GET", path) == (200, {})
+    assert len(client_api.calls_of("register")) == 3
+    assert user_id in client_api.registered
