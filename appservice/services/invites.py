@@ -259,7 +259,7 @@ class InviteService:
         signed = self._keyring.sign(
             {"mxid": mxid, "token": invite.token}, self._server_name, invite.signing_key_id
         )
-        return {
+        body = {
             "medium": invite.medium,
             "address": invite.address,
             "mxid": mxid,
@@ -274,6 +274,9 @@ class InviteService:
                 }
             ],
         }
+        # The identity service API: the request "MUST be signed with a long-term private key".
+        # Homeservers read only `invites`; the signature covers the whole body.
+        return self._keyring.sign(body, self._server_name, invite.signing_key_id)
 
     async def _resolve(self, invite: Invite, state: str, mxid: str) -> bool:
         """Resolve a pending invite and queue its onbind, atomically; False if already resolved.

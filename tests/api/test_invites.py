@@ -524,7 +524,9 @@ async def test_binding_the_invited_address_delivers_a_signed_onbind(api: Api) ->
     assert await api.server.delivery_job.run_once() == 1
     [body] = api.homeserver.onbind_accepted
     [sent] = body["invites"]
+    verify_server_signature(api, body)  # the request itself is signed too
     assert body == {
+        "signatures": body["signatures"],
         "medium": "email",
         "address": "bob@example.com",
         "mxid": bob,
