@@ -97,7 +97,7 @@ class TermsConfig:
 class LookupConfig:
     """Hashed lookups."""
 
-    algorithms: tuple[str, ...] = ("sha256", "none")
+    algorithms: tuple[str, ...] = ("sha256",)
     max_addresses: int = 20_000
 
 

@@ -17,6 +17,8 @@ from tests.support.api_server import Api
 LOOKUP = "/_matrix/identity/v2/lookup"
 
 config_yaml_static = """
+lookup:
+  algorithms: [sha256, none]
 stores:
   order: [static]
   static:

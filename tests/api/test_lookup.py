@@ -26,7 +26,7 @@ async def test_hash_details_offers_sha256_and_an_alphanumeric_pepper(api: Api) -
     _, token = await api.register()
     status, body = await api.request("GET", HASH_DETAILS, token=token)
     assert status == 200
-    assert body["algorithms"] == ["sha256", "none"]
+    assert body["algorithms"] == ["sha256"]  # "none" only when configured
     assert body["lookup_pepper"].isalnum() and len(body["lookup_pepper"]) >= 32
 
 
@@ -74,22 +74,52 @@ async def test_repeated_addresses_are_answered_once(api: Api) -> None:
     assert (status, body) == (200, {"mappings": {alice: "@alice:hs.test"}})
 
 
-async def test_none_lookup_casefolds_emails_and_keeps_addresses_as_sent(api: Api) -> None:
+async def test_none_is_refused_unless_configured(api: Api) -> None:
     _, token = await api.register()
     pepper = await _pepper(api, token)
-    await api.add_binding("email", "strasse@example.com", "@s:hs.test")
-    sent = ["Straße@Example.com email", "strasse@example.com email", "nobody@x.org email", "bad"]
     status, body = await api.request(
-        "POST", LOOKUP, token=token, json={"algorithm": "none", "pepper": pepper, "addresses": sent}
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "none", "pepper": pepper, "addresses": ["a@example.com email"]},
     )
-    assert status == 200
-    # Unicode case folding turns ß into ss, as the spec's "Caseless Matching" requires.
-    assert body == {
-        "mappings": {
-            "Straße@Example.com email": "@s:hs.test",
-            "strasse@example.com email": "@s:hs.test",
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+class TestNoneOffered:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "lookup: {algorithms: [sha256, none]}"
+
+    async def test_hash_details_lists_it(self, api: Api) -> None:
+        _, token = await api.register()
+        status, body = await api.request("GET", HASH_DETAILS, token=token)
+        assert (status, body["algorithms"]) == (200, ["sha256", "none"])
+
+    async def test_none_lookup_casefolds_emails_and_keeps_addresses_as_sent(self, api: Api) -> None:
+        _, token = await api.register()
+        pepper = await _pepper(api, token)
+        await api.add_binding("email", "strasse@example.com", "@s:hs.test")
+        sent = [
+            "Straße@Example.com email",
+            "strasse@example.com email",
+            "nobody@x.org email",
+            "bad",
+        ]
+        status, body = await api.request(
+            "POST",
+            LOOKUP,
+            token=token,
+            json={"algorithm": "none", "pepper": pepper, "addresses": sent},
+        )
+        assert status == 200
+        # Unicode case folding turns ß into ss, as the spec's "Caseless Matching" requires.
+        assert body == {
+            "mappings": {
+                "Straße@Example.com email": "@s:hs.test",
+                "strasse@example.com email": "@s:hs.test",
+            }
         }
-    }
 
 
 async def test_wrong_pepper_is_400_invalid_pepper_with_current_details(api: Api) -> None:
