@@ -99,6 +99,12 @@ class IdentityServer:
         )
         self.bindings = BindingStore(self.db)
         self.stores = build_identity_stores(config)
+        if self.stores.live and "none" not in config.lookup.algorithms:
+            log.warning(
+                "stores %s cannot be listed, so hashed lookups cannot ask them; add none to "
+                "lookup.algorithms for plain v2 lookups to reach them",
+                ", ".join(store.name for store in self.stores.live),
+            )
         store_copies = StoreThreepidStore(self.db)
         self.accounts = AccountService(
             AccountStore(self.db),

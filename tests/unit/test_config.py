@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from appservice.app import IdentityServer
 from appservice.config import Config, ConfigError, load_config, load_config_text
 from appservice.config.loader import parse_duration
 from appservice.resources import EXAMPLE_CONFIG
@@ -120,3 +121,21 @@ def test_durations(value: object, seconds: float) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml", environ={})
+
+
+@pytest.mark.parametrize(("algorithms", "warned"), [("[sha256]", True), ("[sha256, none]", False)])
+def test_a_store_only_plain_lookups_reach_warns_when_none_is_not_offered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, algorithms: str, warned: bool
+) -> None:
+    config = load_config_text(
+        f"lookup: {{algorithms: {algorithms}}}\n"
+        "stores: {order: [rest], rest: {base_url: 'http://127.0.0.1:9/dir'}}\n",
+        tmp_path,
+        environ={},
+    )
+    with caplog.at_level("WARNING", logger="appservice.app"):
+        IdentityServer(config)  # not started: nothing is opened
+    warnings = [r.getMessage() for r in caplog.records if "lookup.algorithms" in r.getMessage()]
+    assert bool(warnings) == warned
+    if warned:
+        assert "rest" in warnings[0]
