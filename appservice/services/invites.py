@@ -236,6 +236,9 @@ class InviteService:
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
         """Sign ``{mxid, sender, token}`` with an invite's ephemeral private key."""
+        if user_id_server(mxid) is None:
+            # What is signed is put in the invitee's membership event as the user's ID.
+            raise invalid_param("mxid must be a Matrix user ID")
         invite = await self._invites.by_token(token)
         if invite is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unknown invite token")

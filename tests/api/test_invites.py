@@ -491,6 +491,20 @@ async def test_sign_ed25519_with_a_bad_key_is_400(api: Api, private_key: str) ->
     assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
 
 
+@pytest.mark.parametrize("mxid", ["bob", "@bob", "#room:hs.test", "@:hs.test", "@bob:"])
+async def test_sign_ed25519_with_a_bad_mxid_is_400(api: Api, mxid: str) -> None:
+    sender, token = await api.register("alice")
+    _, stored = await store_invite(api, token, sender)
+    key = encode_base64(bytes(nacl.signing.SigningKey.generate()))
+    status, body = await api.request(
+        "POST",
+        SIGN_ED25519,
+        token=token,
+        json={"mxid": mxid, "token": stored["token"], "private_key": key},
+    )
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
 async def test_sign_ed25519_needs_auth_and_all_fields(api: Api) -> None:
     _, token = await api.register("alice")
     full = {"mxid": "@bob:hs.test", "token": "t", "private_key": "k"}
