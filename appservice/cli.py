@@ -212,12 +212,12 @@ async def _keys(config: Config, action: str, key_id: str | None = None) -> int:
         await db.migrate()
         store = SigningKeyStore(db)
         now_ms = Clock().now_ms()
+        await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
         if action == "rotate":
             new = keyring.rotate()
             await store.register(new.key_id, new.public_key, now_ms)
             print(f"new current key {new.key_id} {new.public_key}")
         elif action == "revoke":
-            await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
             if key_id == keyring.current.key_id:
                 print(
                     f"{key_id} is the current key: run `keys rotate` first, then revoke it",
@@ -228,8 +228,6 @@ async def _keys(config: Config, action: str, key_id: str | None = None) -> int:
                 print(f"no valid key {key_id} to revoke", file=sys.stderr)
                 return 1
             print(f"revoked {key_id}")
-        else:
-            await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
         current = keyring.current.key_id
         for key in await store.all():
             state = "revoked" if key.revoked_ts else "valid"

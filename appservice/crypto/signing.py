@@ -75,7 +75,7 @@ class KeyRing:
         """
         if _contains_float(obj):
             raise ValueError("signed JSON must not contain floats")
-        key = next((k for k in self._keys if f"{k.alg}:{k.version}" == key_id), self._keys[0])
+        key = next((k for k in self._keys if _key_id(k) == key_id), self._keys[0])
         signed: dict[str, Any] = signedjson.sign.sign_json(copy.deepcopy(obj), server_name, key)
         return signed
 
@@ -89,8 +89,12 @@ class KeyRing:
         return _public(new_key)
 
 
+def _key_id(key: Any) -> str:
+    return f"{key.alg}:{key.version}"
+
+
 def _public(key: Any) -> PublicKey:
-    return PublicKey(f"{key.alg}:{key.version}", encode_base64(key.verify_key.encode()))
+    return PublicKey(_key_id(key), encode_base64(key.verify_key.encode()))
 
 
 def _write_keys(path: Path, keys: list[Any]) -> None:
