@@ -98,16 +98,24 @@ class SessionStore:
         return existing
 
     async def resend(
-        self, sid: str, token_hash: str, send_attempt: int, next_link: str | None
+        self,
+        sid: str,
+        token_hash: str,
+        send_attempt: int,
+        next_link: str | None,
+        max_attempts: int,
     ) -> bool:
-        """Record a new token sent for a higher ``send_attempt``; False if it was not higher."""
+        """Record a new token sent for a higher ``send_attempt``; False if it was not higher or
+        the session died of wrong tokens meanwhile (a dead session is never revived)."""
         row = await self._db.fetchrow(
             "UPDATE validation_sessions SET token_hash = $2, send_attempt = $3, next_link = $4,"
-            " failed_attempts = 0 WHERE sid = $1 AND send_attempt < $3 RETURNING sid",
+            " failed_attempts = 0"
+            " WHERE sid = $1 AND send_attempt < $3 AND failed_attempts < $5 RETURNING sid",
             sid,
             token_hash,
             send_attempt,
             next_link,
+            max_attempts,
         )
         return row is not None
 
@@ -124,22 +132,43 @@ class SessionStore:
             previous.failed_attempts,
         )
 
-    async def count_failure(self, sid: str) -> int:
-        """Count a wrong token; returns the number of failures so far."""
-        value = await self._db.fetchval(
-            "UPDATE validation_sessions SET failed_attempts = failed_attempts + 1"
-            " WHERE sid = $1 RETURNING failed_attempts",
-            sid,
-        )
-        return int(value or 0)
+    async def reserve_attempt(self, sid: str, max_attempts: int) -> tuple[str, int] | None:
+        """Reserve one token comparison: count it as a failure up front, unless
+        ``max_attempts`` are used already. Returns the token hash to compare with and the
+        attempts used so far (this one included), or None when none is left.
 
-    async def mark_validated(self, sid: str, now_ms: int) -> None:
-        """Record a successful validation (which also counts as a modification)."""
-        await self._db.execute(
-            "UPDATE validation_sessions SET validated_ts = COALESCE(validated_ts, $2),"
-            " modified_ts = $2 WHERE sid = $1",
+        One conditional UPDATE, so however many requests arrive together, at most
+        ``max_attempts`` of them get a hash to compare with.
+        """
+        row = await self._db.fetchrow(
+            "UPDATE validation_sessions SET failed_attempts = failed_attempts + 1"
+            " WHERE sid = $1 AND failed_attempts < $2 RETURNING token_hash, failed_attempts",
             sid,
+            max_attempts,
+        )
+        return None if row is None else (row["token_hash"], int(row["failed_attempts"]))
+
+    async def mark_validated(self, sid: str, token_hash: str, now_ms: int) -> bool:
+        """Record a successful validation of the token ``token_hash`` (which also counts as a
+        modification) and give back the attempt reserved for it. False when that token was
+        replaced meanwhile."""
+        row = await self._db.fetchrow(
+            "UPDATE validation_sessions SET validated_ts = COALESCE(validated_ts, $3),"
+            " modified_ts = $3,"
+            " failed_attempts = CASE WHEN failed_attempts > 0 THEN failed_attempts - 1 ELSE 0 END"
+            " WHERE sid = $1 AND token_hash = $2 RETURNING sid",
+            sid,
+            token_hash,
             now_ms,
+        )
+        return row is not None
+
+    async def delete_dead(self, sid: str, max_attempts: int) -> None:
+        """Remove a session that used up its attempts (a no-op if it did not)."""
+        await self._db.execute(
+            "DELETE FROM validation_sessions WHERE sid = $1 AND failed_attempts >= $2",
+            sid,
+            max_attempts,
         )
 
     async def delete(self, sid: str) -> None:

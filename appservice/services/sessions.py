@@ -171,8 +171,14 @@ class SessionService:
         sends it, delivering it only if its gate (storing the session) says yes."""
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and self._expired(existing):
-            # A dead session is not resumed (its tokens could never validate): a new one starts.
+            # An expired session is not resumed (its tokens could never validate): a new one
+            # starts.
             await self._store.delete(existing.sid)
+            existing = None
+        elif existing is not None and existing.failed_attempts >= self._config.max_attempts:
+            # Nor is one that used up its wrong tokens: a resend must not hand whoever is
+            # guessing a fresh set of attempts on the same session.
+            await self._store.delete_dead(existing.sid, self._config.max_attempts)
             existing = None
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
@@ -264,7 +270,9 @@ class SessionService:
             raise
         await hit
         new_hash = _token_hash(token)
-        if not await self._store.resend(existing.sid, new_hash, send_attempt, next_link):
+        if not await self._store.resend(
+            existing.sid, new_hash, send_attempt, next_link, self._config.max_attempts
+        ):
             return existing.sid
         try:
             await send(message, None)
@@ -293,24 +301,31 @@ class SessionService:
         return session
 
     async def submit_token(self, sid: str, client_secret: str, token: str) -> SubmitResult:
-        """Check a token; counts wrong ones and kills the session after too many."""
+        """Check a token; counts wrong ones and kills the session after too many.
+
+        The attempt is reserved in the database before the comparison, so at most
+        ``session.max_attempts`` tokens are ever compared per session token, however many
+        requests arrive at once.
+        """
         self._require_enabled()
         session = await self._live_session(sid, client_secret)
-        if session.failed_attempts >= self._config.max_attempts:
+        reserved = await self._store.reserve_attempt(session.sid, self._config.max_attempts)
+        if reserved is None:
             raise MatrixError(
                 400,
                 "M_SESSION_EXPIRED",
                 "Too many incorrect tokens were submitted: start a new validation session",
             )
-        if not hmac.compare_digest(session.token_hash, _token_hash(token.strip())):
-            failures = await self._store.count_failure(session.sid)
-            left = max(0, self._config.max_attempts - failures)
+        token_hash, used = reserved
+        if not hmac.compare_digest(token_hash, _token_hash(token.strip())) or not (
+            await self._store.mark_validated(session.sid, token_hash, self._clock.now_ms())
+        ):
+            left = max(0, self._config.max_attempts - used)
             raise MatrixError(
                 400,
                 "M_TOKEN_INCORRECT",
                 f"The token is incorrect ({left} attempt{'s' if left != 1 else ''} left).",
             )
-        await self._store.mark_validated(session.sid, self._clock.now_ms())
         log.info("validation session %s validated (%s)", session.sid, session.medium)
         return SubmitResult(next_link=session.next_link)
 
