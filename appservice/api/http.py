@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from appservice.errors import MatrixError, bad_json, missing_params
+from appservice.errors import MatrixError, bad_json, invalid_param, missing_params
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,21 @@ def string_field(body: dict[str, Any], name: str) -> str:
     return value
 
 
-def int_field(body: dict[str, Any], name: str) -> int:
-    """A required integer field."""
+# The integers Matrix's canonical JSON allows; beyond them a value overflows the databases'
+# 64-bit columns (or means nothing a client could have counted to).
+MAX_JSON_INT = 2**53 - 1
+
+
+def int_field(body: dict[str, Any], name: str, *, minimum: int = -MAX_JSON_INT) -> int:
+    """A required integer field in ``[minimum, 2**53 - 1]`` (400 M_INVALID_PARAM outside)."""
     require_fields(body, name)
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int):
+    # orjson reads an integer literal beyond 64 bits as a float: out of range, not "no integer".
+    too_big = isinstance(value, float) and value.is_integer() and abs(value) > MAX_JSON_INT
+    if not too_big and (isinstance(value, bool) or not isinstance(value, int)):
         raise bad_json(f"{name} must be an integer")
+    if too_big or not minimum <= value <= MAX_JSON_INT:
+        raise invalid_param(f"{name} must be an integer from {minimum} to {MAX_JSON_INT}")
     return value
 
 
