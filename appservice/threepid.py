@@ -78,3 +78,15 @@ def user_id_server(user_id: str) -> str | None:
     if not sep or not server or not localpart or not all("!" <= c <= "~" for c in localpart):
         return None
     return server
+
+
+def is_room_id(value: str) -> bool:
+    """Whether ``value`` is a room ID: ``!`` then printable ASCII without spaces, at most 255
+    bytes (v12 IDs have no ``:server`` part, so only the sigil, length and characters are
+    checked). It is sent on to homeservers, so no control character may pass."""
+    return (
+        len(value) <= 255
+        and value.startswith("!")
+        and len(value) > 1
+        and all("!" <= c <= "~" for c in value)
+    )

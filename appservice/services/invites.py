@@ -31,7 +31,7 @@ from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
 from appservice.services.keys import normalise_public_key
 from appservice.services.ratelimits import RateLimiter
-from appservice.threepid import parse_email, user_id_server
+from appservice.threepid import is_room_id, parse_email, user_id_server
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,10 @@ class InviteService:
         address = parse_email(request.address)
         if address is None:
             raise MatrixError(400, "M_INVALID_EMAIL", "Invalid email address")
-        if not request.room_id.startswith("!"):
-            raise invalid_param("room_id must be a room ID (starting with !)")
+        if not is_room_id(request.room_id):
+            raise invalid_param(
+                "room_id must be a room ID: '!' then printable ASCII, at most 255 characters"
+            )
         if user_id_server(request.sender) is None:
             raise invalid_param("sender must be a Matrix user ID")
         if request.sender != caller:

@@ -298,6 +298,12 @@ async def test_store_invite_with_unsupported_medium_is_unrecognized(api: Api) ->
         ("address", "not-an-address", "M_INVALID_EMAIL"),
         ("address", "two@at@example.com", "M_INVALID_EMAIL"),
         ("room_id", "#garden:hs.test", "M_INVALID_PARAM"),
+        ("room_id", "!", "M_INVALID_PARAM"),
+        ("room_id", "!garden:hs.test\r\nX-Injected: 1", "M_INVALID_PARAM"),
+        ("room_id", "!garden\x00:hs.test", "M_INVALID_PARAM"),
+        ("room_id", "!garden room:hs.test", "M_INVALID_PARAM"),
+        ("room_id", "!" + "a" * 100_000, "M_INVALID_PARAM"),
+        ("room_id", "!" + "a" * 255, "M_INVALID_PARAM"),
         ("sender", "alice", "M_INVALID_PARAM"),
         ("medium", 3, "M_BAD_JSON"),
         ("room_name", 3, "M_BAD_JSON"),
@@ -312,6 +318,18 @@ async def test_store_invite_rejects_invalid_fields(
     status, err = await api.request("POST", STORE_INVITE, token=token, json=body)
     assert (status, err["errcode"]) == (400, errcode)
     assert api.smtp.mails == []
+    assert await api.server.db.fetchval("SELECT COUNT(*) FROM invites") == 0
+
+
+@pytest.mark.parametrize(
+    "room_id",
+    ["!" + "a" * 254, "!AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_abcdefg", "!r:hs.test:8448"],
+)
+async def test_store_invite_accepts_room_ids_up_to_255_characters(api: Api, room_id: str) -> None:
+    sender, token = await api.register("alice")
+    body = {"medium": "email", "address": "bob@example.com", "room_id": room_id, "sender": sender}
+    status, answer = await api.request("POST", STORE_INVITE, token=token, json=body)
+    assert status == 200, answer
 
 
 async def test_store_invite_as_someone_else_is_forbidden(api: Api) -> None:
