@@ -19,7 +19,12 @@ MAX_EMAIL_LENGTH = 500
 
 
 def parse_email(address: str) -> str | None:
-    """The canonical (case-folded) form of a plain ``local@domain`` address, else None."""
+    """The canonical form of a plain ``local@domain`` address, else None.
+
+    The spec's rule: case-fold the address (Unicode caseless matching) and lower-case the
+    domain. The domain is only lower-cased, not case-folded: folding turns ``straße.de`` into
+    ``strasse.de``, which under IDNA2008 is another domain, someone else's.
+    """
     address = address.strip()
     if not address or len(address) > MAX_EMAIL_LENGTH or address.count("@") != 1:
         return None
@@ -31,7 +36,7 @@ def parse_email(address: str) -> str | None:
     labels = domain.split(".")
     if not all(_DOMAIN_LABEL.match(label) for label in labels):
         return None
-    return address.casefold()
+    return f"{local.casefold()}@{domain.lower()}"
 
 
 def parse_phone_number(country: str, phone_number: str) -> str | None:

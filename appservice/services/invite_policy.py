@@ -171,7 +171,7 @@ def _redacted(invite: ThreepidInvite) -> str:
 
 
 def _email_domain(address: str) -> str:
-    return address.strip().rpartition("@")[2].rstrip(".").casefold()
+    return address.strip().rpartition("@")[2].rstrip(".").lower()
 
 
 def _under(domain: str, parents: Sequence[str]) -> bool:
@@ -194,8 +194,8 @@ class InvitePolicyService:
         self._base_url = homeserver_url.rstrip("/")
         self._roles = frozenset(policy.roles)
         self._senders = [re.compile(p) for p in policy.allowed_senders]
-        self._allowed_domains = [d.strip(".").casefold() for d in policy.allowed_domains]
-        self._denied_domains = [d.strip(".").casefold() for d in policy.denied_domains]
+        self._allowed_domains = [d.strip(".").lower() for d in policy.allowed_domains]
+        self._denied_domains = [d.strip(".").lower() for d in policy.denied_domains]
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:

@@ -408,7 +408,7 @@ class TestDomains:
         return {
             "invites": {
                 "policy": {
-                    "allowed_domains": ["example.org", "Partner.test"],
+                    "allowed_domains": ["example.org", "Partner.test", "straße.test"],
                     "denied_domains": ["bad.example.org"],
                 }
             }
@@ -424,6 +424,9 @@ class TestDomains:
             ("bob@x.bad.example.org", False),
             ("bob@notexample.org", False),
             ("bob@example.org.evil", False),
+            ("bob@STRAẞE.test", True),
+            # Under IDNA2008 strasse.test is another domain than straße.test.
+            ("bob@strasse.test", False),
         ],
     )
     async def test_invitee_domain_is_checked(
