@@ -129,12 +129,15 @@ def int_field(body: dict[str, Any], name: str, *, minimum: int = -MAX_JSON_INT) 
     """A required integer field in ``[minimum, 2**53 - 1]`` (400 M_INVALID_PARAM outside)."""
     require_fields(body, name)
     value = body[name]
-    # orjson reads an integer literal beyond 64 bits as a float: out of range, not "no integer".
-    too_big = isinstance(value, float) and value.is_integer() and abs(value) > MAX_JSON_INT
-    if not too_big and (isinstance(value, bool) or not isinstance(value, int)):
+    range_error = f"{name} must be an integer from {minimum} to {MAX_JSON_INT}"
+    if isinstance(value, float) and value.is_integer() and abs(value) > MAX_JSON_INT:
+        # orjson reads an integer literal beyond 64 bits as a float: out of range, not "no
+        # integer".
+        raise invalid_param(range_error)
+    if isinstance(value, bool) or not isinstance(value, int):
         raise bad_json(f"{name} must be an integer")
-    if too_big or not minimum <= value <= MAX_JSON_INT:
-        raise invalid_param(f"{name} must be an integer from {minimum} to {MAX_JSON_INT}")
+    if not minimum <= value <= MAX_JSON_INT:
+        raise invalid_param(range_error)
     return value
 
 
