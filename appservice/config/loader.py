@@ -214,6 +214,28 @@ def _is_database_url(url: str) -> bool:
     return url.startswith(("sqlite:", "postgres://", "postgresql://"))
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_HOST_PATTERN = re.compile(rf"(\*\.)?{_LABEL}(?:\.{_LABEL})*")
+
+
+def _validate_next_link_rules(config: Config) -> None:
+    for i, host in enumerate(config.session.next_link_hosts):
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ConfigError(
+                f'session.next_link_hosts[{i}]: "{host}" is not a lower-case host name'
+                ' or "*.domain"'
+            )
+    for i, prefix in enumerate(config.session.next_link_allowlist):
+        scheme, sep, rest = prefix.partition("://")
+        # Without a "/" after the host, "http://localhost:3000" would also let through
+        # "http://localhost:3000.evil.example/".
+        if not scheme or not sep or "/" not in rest or rest.startswith("/"):
+            raise ConfigError(
+                f'session.next_link_allowlist[{i}]: "{prefix}" must be scheme://host/…'
+                ' (ending the host with "/")'
+            )
+
+
 def _validate(config: Config) -> None:
     """Checks that span more than one value's type."""
     url = config.database.url
@@ -226,6 +248,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("lookup.algorithms: must contain sha256 (the spec requires it)")
     if not 1 <= config.listen.port <= 65535:
         raise ConfigError(f"listen.port: {config.listen.port} is not a TCP port")
+    _validate_next_link_rules(config)
     if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
         raise ConfigError("listen.tls_cert: tls_cert and tls_key must be set together")
     if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

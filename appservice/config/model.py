@@ -148,6 +148,8 @@ class SessionConfig:
     max_attempts: int = 5
     # next_link values starting with one of these prefixes are followed even if not https://.
     next_link_allowlist: tuple[str, ...] = ()
+    # Hosts an https:// next_link may lead to ("app.example.org", "*.example.org"); empty: any.
+    next_link_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from appservice.clock import Clock
 from appservice.config import RateLimitsConfig, SessionConfig
@@ -169,6 +170,7 @@ class SessionService:
     ) -> str:
         """Create or re-send a session: ``prepare(sid, token)`` renders the message, ``send``
         sends it, delivering it only if its gate (storing the session) says yes."""
+        check_next_link(next_link)
         existing = await self._store.by_key(medium, address, client_secret)
         if existing is not None and self._expired(existing):
             # An expired session is not resumed (its tokens could never validate): a new one
@@ -344,7 +346,49 @@ class SessionService:
         return await self._store.purge_modified_before(cutoff)
 
     def follows_next_link(self, next_link: str) -> bool:
-        """Whether GET submitToken may redirect to ``next_link`` (no open redirect)."""
-        if next_link.startswith("https://") and len(next_link) > len("https://"):
+        """Whether GET submitToken may redirect to ``next_link``: it starts with an allowed
+        prefix, or it is a plain https:// URL to an allowed host (any host when
+        ``session.next_link_hosts`` is empty)."""
+        if any(next_link.startswith(prefix) for prefix in self._config.next_link_allowlist):
             return True
-        return any(next_link.startswith(prefix) for prefix in self._config.next_link_allowlist)
+        host = _https_host(next_link)
+        if host is None:
+            return False
+        hosts = self._config.next_link_hosts
+        return not hosts or any(_host_matches(host, allowed) for allowed in hosts)
+
+
+# A next_link is stored and sent back in a Location header: bounded, no control characters.
+MAX_NEXT_LINK_LENGTH = 2048
+
+
+def check_next_link(next_link: str | None) -> None:
+    """400 M_INVALID_PARAM for a next_link no browser should be sent to."""
+    if next_link is None:
+        return
+    if len(next_link) > MAX_NEXT_LINK_LENGTH or not next_link.isprintable():
+        raise invalid_param(
+            f"next_link must be a URL of at most {MAX_NEXT_LINK_LENGTH} printable characters"
+        )
+
+
+def _https_host(url: str) -> str | None:
+    """The host of a plain ``https://host[:port]/…`` URL, lower-cased; None for anything a
+    browser might read differently from us (user info, backslashes, spaces, controls)."""
+    if not url.startswith("https://") or any(c in url for c in "\\ \t") or not url.isprintable():
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number
+    except ValueError:
+        return None
+    del port
+    if "@" in parts.netloc or not parts.hostname:
+        return None
+    return parts.hostname.rstrip(".")
+
+
+def _host_matches(host: str, allowed: str) -> bool:
+    if allowed.startswith("*."):
+        return host.endswith(allowed[1:]) and len(host) > len(allowed) - 1
+    return host == allowed
