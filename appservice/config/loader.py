@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import logging
+import math
 import os
 import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
 from appservice.config.model import Config, Duration, RateLimit
 from appservice.threepid import is_localpart
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "APPSERVICE_"
+# Variables with the prefix that are not options (read elsewhere, or by the test suite).
+OTHER_ENV_NAMES = frozenset({"APPSERVICE_MIGRATIONS_DIR", "APPSERVICE_TEST_POSTGRES"})
+# The shortest pause of a background loop (a zero interval would poll without pause).
+MIN_INTERVAL_S = 0.1
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -37,6 +47,8 @@ def parse_duration(value: Any, path: str) -> Duration:
     if isinstance(value, bool):
         raise ConfigError(f"{path}: {value!r} is not a duration")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value!r} is not a duration")
         if value < 0:
             raise ConfigError(f"{path}: {value!r} is negative")
         return Duration(value)
@@ -123,19 +135,24 @@ def _build(cls: type[T], data: Any, path: str) -> T:
     return cls(**kwargs)
 
 
-def _env_overrides(cls: type, environ: Mapping[str, str], path: tuple[str, ...]) -> dict[str, Any]:
-    """Collect ``APPSERVICE_SECTION_KEY`` variables for scalar options as a nested mapping."""
+def _env_overrides(
+    cls: type, environ: Mapping[str, str], path: tuple[str, ...], known: set[str] | None = None
+) -> dict[str, Any]:
+    """Collect ``APPSERVICE_SECTION_KEY`` variables for scalar options as a nested mapping;
+    ``known`` collects the name of every option's variable."""
     result: dict[str, Any] = {}
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key_path = (*path, f.name)
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            nested = _env_overrides(tp, environ, key_path)
+            nested = _env_overrides(tp, environ, key_path, known)
             if nested:
                 result[f.name] = nested
             continue
         env_name = ENV_PREFIX + "_".join(key_path).upper()
+        if known is not None:
+            known.add(env_name)
         if env_name in environ:
             raw = environ[env_name]
             # Scalars arrive as strings; let YAML type them (numbers, booleans) as in the file.
@@ -143,6 +160,16 @@ def _env_overrides(cls: type, environ: Mapping[str, str], path: tuple[str, ...])
             if _is_str_type(tp) and not isinstance(result[f.name], str):
                 result[f.name] = raw
     return result
+
+
+def _warn_unknown_env(environ: Mapping[str, str], known: set[str]) -> None:
+    """A misspelt variable would be ignored silently: name it, and the option it likely meant."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_ENV_NAMES:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("environment variable %s is not a configuration option, ignored%s", name, hint)
 
 
 def _is_str_type(tp: Any) -> bool:
@@ -194,7 +221,10 @@ def load_config_text(text: str, base_dir: Path, environ: Mapping[str, str] | Non
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError("config: the top level must be a mapping")
-    env = _env_overrides(Config, os.environ if environ is None else environ, ())
+    environ = os.environ if environ is None else environ
+    known: set[str] = set()
+    env = _env_overrides(Config, environ, (), known)
+    _warn_unknown_env(environ, known)
     config = _build(Config, _merge(dict(data), env), "")
     _validate(config)
     resolved: Config = _resolve_paths(config, base_dir)
@@ -212,6 +242,23 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
 
 def _is_database_url(url: str) -> bool:
     return url.startswith(("sqlite:", "postgres://", "postgresql://"))
+
+
+def _names_postgres_database(url: str) -> bool:
+    """Whether a postgres:// URL names its database (in the path, or ?dbname=/?database=);
+    without one the driver would pick the user's name, often the ``postgres`` database."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    return bool(parts.path.strip("/") or query.get("dbname") or query.get("database"))
+
+
+def _check_postgres_database(key: str, url: str) -> None:
+    if url.startswith(("postgres://", "postgresql://")) and not _names_postgres_database(url):
+        # The URL itself is not shown: it may hold a password.
+        raise ConfigError(
+            f"{key}: the postgres:// URL names no database; add it after the host, "
+            "e.g. postgres://user@host:5432/identity"
+        )
 
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
@@ -241,6 +288,18 @@ def _validate(config: Config) -> None:
     url = config.database.url
     if not _is_database_url(url):
         raise ConfigError(f'database.url: "{url}" is not a sqlite: or postgres:// URL')
+    _check_postgres_database("database.url", url)
+    for key, name in (
+        ("server.name", config.server.name),
+        *(
+            (f"server.alternative_names[{i}]", alternative)
+            for i, alternative in enumerate(config.server.alternative_names)
+        ),
+    ):
+        if not name.strip():
+            raise ConfigError(f"{key}: must not be empty (the host[:port] clients use)")
+        if any(c.isspace() or not c.isprintable() for c in name):
+            raise ConfigError(f'{key}: "{name.strip()}" must not contain spaces')
     for i, algorithm in enumerate(config.lookup.algorithms):
         if algorithm not in ("sha256", "none"):
             raise ConfigError(f'lookup.algorithms[{i}]: "{algorithm}" is not sha256 or none')
@@ -278,7 +337,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f'server.public_base_url: "{config.server.public_base_url}" is not an http(s) URL'
         )
-    for name in ("request_token_per_address", "request_token_per_ip", "store_invite_per_sender"):
+    for name in (f.name for f in dataclasses.fields(config.ratelimits)):
         limit: RateLimit = getattr(config.ratelimits, name)
         if limit.limit < 1 or limit.period <= 0:
             raise ConfigError(f"ratelimits.{name}: limit and period must be positive")
@@ -307,6 +366,7 @@ def _validate(config: Config) -> None:
     for key in ("homeserver_url", "url"):
         if not getattr(appservice, key).startswith(("http://", "https://")):
             raise ConfigError(f"appservice.{key}: not an http(s) URL")
+    _validate_durations(config)
     if config.invites.delivery.concurrency < 1:
         raise ConfigError("invites.delivery.concurrency: must be at least 1")
     if config.session.max_attempts < 1:
@@ -323,6 +383,35 @@ def _validate(config: Config) -> None:
     for policy_id, policy in config.terms.policies.items():
         if not policy.languages:
             raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")
+
+
+def _validate_durations(config: Config) -> None:
+    """Intervals of background loops and retries (zero would run them without pause), and
+    durations where zero makes no sense (for aiohttp a zero timeout even means none)."""
+    invites = config.invites
+    delivery = invites.delivery
+    intervals = {
+        "invites.delivery.poll_interval": delivery.poll_interval,
+        "invites.delivery.retry_initial": delivery.retry_initial,
+        "invites.expiration.check_interval": invites.expiration.check_interval,
+        "invites.resolution_interval": invites.resolution_interval,
+    }
+    for key, interval in intervals.items():
+        if interval < MIN_INTERVAL_S:
+            raise ConfigError(f"{key}: must be at least 100ms")
+    if delivery.retry_max < delivery.retry_initial:
+        raise ConfigError("invites.delivery.retry_max: must be at least retry_initial")
+    positive = {
+        "invites.delivery.give_up_after": delivery.give_up_after,
+        "invites.expiration.after": invites.expiration.after,
+        "session.lifetime": config.session.lifetime,
+        "federation.timeout": config.federation.timeout,
+        "notifications.email.smtp.timeout": config.notifications.email.smtp.timeout,
+        "notifications.sms.twilio.timeout": config.notifications.sms.twilio.timeout,
+    }
+    for key, duration in positive.items():
+        if duration <= 0:
+            raise ConfigError(f"{key}: must be more than 0s")
 
 
 STORE_NAMES = ("synapse", "ldap", "rest", "static")
@@ -344,6 +433,7 @@ def _validate_stores(config: Config) -> None:
             raise ConfigError(
                 f'stores.synapse.database_url: "{url}" is not a sqlite: or postgres:// URL'
             )
+        _check_postgres_database("stores.synapse.database_url", url)
         if url.startswith("sqlite:") and not url.removeprefix("sqlite:").startswith("/"):
             raise ConfigError(
                 f'stores.synapse.database_url: "{url}" needs an absolute path (sqlite:/path)'
