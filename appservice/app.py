@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
+import re
+import socket
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +44,7 @@ from appservice.db.sessions import SessionStore
 from appservice.db.signing_keys import SigningKeyStore
 from appservice.db.store_threepids import StoreThreepidStore
 from appservice.db.terms import TermsStore
+from appservice.errors import StartupError
 from appservice.federation.client import FederationClient
 from appservice.federation.openid import fetch_openid_user
 from appservice.federation.server_keys import ServerKeyFetcher
@@ -71,6 +75,48 @@ log = logging.getLogger(__name__)
 PURGE_INTERVAL_S = 3600.0
 ACTIONS_POLL_S = 5.0
 REGISTRATION_RETRY_S = 30.0
+_PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+def listen_error(setting: str, host: str, port: int, error: OSError) -> StartupError:
+    """One line for a listener that cannot bind: the address, the setting, the cause."""
+    if isinstance(error, socket.gaierror):
+        reason = f"cannot resolve the host ({error.strerror})"
+    elif error.errno == errno.EADDRINUSE:
+        reason = "the address is already in use (another process listens there)"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        reason = "no network interface of this machine has that address"
+    elif error.errno == errno.EACCES:
+        reason = "permission denied (ports below 1024 need privileges)"
+    else:
+        reason = error.strerror or str(error)
+    return StartupError(f"{setting}: cannot listen on {host}:{port}: {reason}")
+
+
+def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The public listener's TLS context; a missing or malformed file is a :class:`StartupError`
+    naming the file and its setting (never a prompt for a key's password)."""
+    contents: dict[str, bytes] = {}
+    for setting, path in (("listen.tls_cert", cert), ("listen.tls_key", key)):
+        try:
+            contents[setting] = Path(path).read_bytes()
+        except OSError as e:
+            raise StartupError(f"{setting}: cannot read {path}: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in contents["listen.tls_cert"]:
+        raise StartupError(f"listen.tls_cert: {cert} is not a PEM certificate")
+    key_text = contents["listen.tls_key"]
+    if not _PEM_KEY.search(key_text):
+        raise StartupError(f"listen.tls_key: {key} is not a PEM private key")
+    if b"ENCRYPTED" in key_text:
+        raise StartupError(f"listen.tls_key: {key} is encrypted; give the key without a password")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
+        raise StartupError(
+            f"listen.tls_cert: cannot use {cert} with the key {key} (listen.tls_key): {e}"
+        ) from None
+    return ctx
 
 
 class IdentityServer:
@@ -250,6 +296,7 @@ class IdentityServer:
             self.store_sync_job,
         ]
         self._runner: web.AppRunner | None = None
+        self._tls: ssl.SSLContext | None = None
 
     async def open(self) -> None:
         """Connect, migrate and load shared state, without serving or background jobs."""
@@ -266,13 +313,14 @@ class IdentityServer:
 
     async def start(self) -> None:
         """Open, then start the background jobs (and the appservice); call before serving."""
-        await self.open()
         try:
+            await self.open()
             await self.stores.start()
             if self.config.appservice.enabled:
                 await self._start_appservice()
         except BaseException:
-            # Close what open() opened (the SQLite worker thread would keep the process alive).
+            # Close what was opened (the SQLite worker thread would keep the process alive, e.g.
+            # after a migration refused a newer schema).
             await self.stop()
             raise
         for job in self.jobs:
@@ -308,7 +356,13 @@ class IdentityServer:
         matrix = IdentityAppService(
             config, PgASStateStore(self.db.db), self.expired_invites.handle_transaction
         )
-        await matrix.start(config.listen.host, config.listen.port)
+        try:
+            await matrix.start(config.listen.host, config.listen.port)
+        except OSError as e:
+            await matrix.stop()
+            raise listen_error(
+                "appservice.listen", config.listen.host, config.listen.port, e
+            ) from None
         self.matrix = matrix
         log.info("appservice listening on %s:%d", config.listen.host, config.listen.port)
         worker = RoomActionWorker(
@@ -390,13 +444,14 @@ class IdentityServer:
             v1.add_routes(app.router, ctx)
         return app
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The public listener's TLS context (loaded once), None without ``listen.tls_cert``."""
         listen = self.config.listen
         if listen.tls_cert is None or listen.tls_key is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(listen.tls_cert, listen.tls_key)
-        return ctx
+        if self._tls is None:
+            self._tls = load_tls_context(listen.tls_cert, listen.tls_key)
+        return self._tls
 
     async def serve(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Start listening; returns the bound address (port 0 picks a free port)."""
@@ -404,13 +459,15 @@ class IdentityServer:
             self.public_app(), access_log_class=RedactingAccessLogger, handle_signals=False
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            host or self.config.listen.host,
-            self.config.listen.port if port is None else port,
-            ssl_context=self._ssl_context(),
-        )
-        await site.start()
+        # Given explicitly, the address comes from --listen.
+        setting = "listen.host/listen.port" if host is None and port is None else "--listen"
+        host = host or self.config.listen.host
+        port = self.config.listen.port if port is None else port
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls_context())
+        try:
+            await site.start()
+        except OSError as e:
+            raise listen_error(setting, host, port, e) from None
         bound_host, bound_port = self._runner.addresses[-1][:2]
         scheme = "https" if self.config.listen.tls_cert else "http"
         log.info("identity server listening on %s://%s:%d", scheme, bound_host, bound_port)
@@ -419,6 +476,7 @@ class IdentityServer:
 
 async def run_forever(server: IdentityServer, host: str | None, port: int | None) -> None:
     """Start, serve until cancelled (SIGINT/SIGTERM), then stop cleanly."""
+    server.tls_context()  # unusable TLS files stop start-up before the database is touched
     await server.start()
     try:
         await server.serve(host, port)

@@ -24,6 +24,7 @@ from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
 from appservice.db.outbox import PENDING as QUEUED
 from appservice.db.signing_keys import SigningKeyStore
+from appservice.errors import StartupError
 from appservice.identity_stores import StoreError
 from appservice.matrix.registration import (
     build_registration,
@@ -515,7 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (DatabaseError, KeyFileError, StoreError) as e:
+    # OSError: a file or socket problem not named more precisely where it happened.
+    except (DatabaseError, KeyFileError, StoreError, StartupError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

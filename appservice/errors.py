@@ -56,3 +56,8 @@ def unauthorized(error: str = "Unrecognised access token") -> MatrixError:
 def forbidden(error: str) -> MatrixError:
     """403 M_FORBIDDEN."""
     return MatrixError(403, "M_FORBIDDEN", error)
+
+
+class StartupError(Exception):
+    """A fatal start-up problem (a port in use, an unreadable TLS file); ``str()`` is one line
+    naming the cause and the setting."""

@@ -20,6 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import quote
 
 import aiosqlite
 import orjson
@@ -105,6 +106,27 @@ async def _reset_released_connection(conn: Any) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _check_sqlite_file(path: str) -> None:
+    """Refuse an existing SQLite file that cannot be used (not a database, not writable).
+
+    mautrix would find out while setting up its connection and leave that connection, with its
+    worker thread, open: the process could not exit after the error. A missing file is left for
+    mautrix to create.
+    """
+    if not os.path.exists(path):
+        return
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            # What mautrix sets first; writing needs the directory (the -wal and -shm files).
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise DatabaseError(f"database.url: cannot open {path}: {e}") from None
+
+
 class AppDatabase:
     """The application's database: a mautrix ``Database`` plus dialect helpers."""
 
@@ -116,7 +138,12 @@ class AppDatabase:
         if url.startswith("sqlite:"):
             path = url.removeprefix("sqlite:").removeprefix("//")
             if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise DatabaseError(
+                        f"database.url: cannot create the directory of {path}: {e.strerror}"
+                    ) from None
                 self._sqlite_path = path
             db_args: dict[str, Any] = {"min_size": 1}
         else:
@@ -160,12 +187,16 @@ class AppDatabase:
 
     async def start(self) -> None:
         """Connect (no migrations)."""
+        if self._sqlite_path is not None:
+            _check_sqlite_file(self._sqlite_path)
         try:
             await self.db.start()
             if self.is_postgres:
                 self._postgres_pool = getattr(self.db, "pool", None)
         except (OSError, ConnectionError) as e:
             raise DatabaseError(f"database: cannot connect: {e}") from e
+        except sqlite3.Error as e:  # e.g. a directory where the file cannot be created
+            raise DatabaseError(f"database.url: cannot open {self._sqlite_path}: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("asyncpg"):
                 raise DatabaseError(f"database: cannot connect: {e}") from e
