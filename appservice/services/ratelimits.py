@@ -33,9 +33,9 @@ class RateLimiter:
         # bucket -> end of the window (ms) in which it went over its limit
         self._exhausted: dict[str, int] = {}
 
-    async def hit(self, name: str, key: str, limit: RateLimit) -> None:
-        """Count an event for ``key``; 429 M_LIMIT_EXCEEDED when over ``limit``."""
-        await self.hit_all([(name, key, limit)])
+    async def hit(self, name: str, key: str, limit: RateLimit, count: int = 1) -> None:
+        """Count ``count`` events for ``key``; 429 M_LIMIT_EXCEEDED when over ``limit``."""
+        await self.hit_all([(name, key, limit)], count)
 
     def refuse_if_exhausted(self, events: Sequence[Event]) -> None:
         """429 M_LIMIT_EXCEEDED at once, without the database, when one of the buckets is known
@@ -44,13 +44,14 @@ class RateLimiter:
             now = self._clock.now_ms()
             self._refuse_known(self._windows(events, now), now)
 
-    async def hit_all(self, events: Sequence[Event]) -> None:
-        """Count one event under each (name, key, limit) in one database round trip; 429
-        M_LIMIT_EXCEEDED (with the longest wait) when any is over its limit."""
+    async def hit_all(self, events: Sequence[Event], count: int = 1) -> None:
+        """Count ``count`` events (one request; a bulk request may weigh more) under each
+        (name, key, limit) in one database round trip; 429 M_LIMIT_EXCEEDED (with the longest
+        wait) when any is over its limit. A refused request counts too."""
         now = self._clock.now_ms()
         windows = self._windows(events, now)
         self._refuse_known(windows, now)
-        hits = await self._store.hit(windows)
+        hits = await self._store.hit(windows, count)
         over = [
             window
             for window, (_name, _key, limit) in zip(windows, events, strict=True)
