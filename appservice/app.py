@@ -152,11 +152,14 @@ class IdentityServer:
                 ", ".join(store.name for store in self.stores.live),
             )
         store_copies = StoreThreepidStore(self.db)
+        self.ratelimiter = RateLimiter(RateLimitStore(self.db), self.clock)
         self.accounts = AccountService(
             AccountStore(self.db),
             verify_openid or functools.partial(fetch_openid_user, self.federation),
             self.clock,
             config.accounts.allowed_homeservers,
+            ratelimiter=self.ratelimiter,
+            register_limit=config.ratelimits.register_per_ip,
         )
         self.terms = TermsService(config.terms, TermsStore(self.db), self.clock)
         self.lookup = LookupService(
@@ -179,7 +182,6 @@ class IdentityServer:
         )
         self.email = build_email_connector(notifications.email)
         self.sms = build_sms_connector(notifications.sms)
-        self.ratelimiter = RateLimiter(RateLimitStore(self.db), self.clock)
         self.sessions = SessionService(
             SessionStore(self.db),
             self.generator,
@@ -202,7 +204,7 @@ class IdentityServer:
             self.email,
             self.ratelimiter,
             config.invites,
-            config.ratelimits.store_invite_per_sender,
+            config.ratelimits,
             server_name=config.server.name,
             public_base_url=config.server.public_base_url,
             expired_user_id=config.appservice.expired_user_id,

@@ -7,6 +7,7 @@ from aiohttp import web
 from appservice.api.context import ApiContext
 from appservice.api.http import (
     access_token,
+    client_ip,
     int_field,
     json_body,
     json_response,
@@ -30,7 +31,9 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         int_field(body, "expires_in")
         if token_type != "Bearer":
             raise invalid_param("token_type must be Bearer")
-        token = await ctx.accounts.register(openid_token, server_name)
+        token = await ctx.accounts.register(
+            openid_token, server_name, client_ip(request, ctx.trusted_proxies)
+        )
         return json_response({"token": token})
 
     async def whoami(request: web.Request) -> web.Response:

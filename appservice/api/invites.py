@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from appservice.api.context import ApiContext
-from appservice.api.http import json_body, json_response, require_fields, string_field
+from appservice.api.http import client_ip, json_body, json_response, require_fields, string_field
 from appservice.errors import bad_json
 from appservice.services.invites import DETAIL_FIELDS, StoreInviteRequest
 
@@ -36,6 +36,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
                 details=details,
             ),
             caller=user_id,
+            requester_ip=client_ip(request, ctx.trusted_proxies),
         )
         return json_response(answer)
 

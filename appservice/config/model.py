@@ -171,6 +171,16 @@ class RateLimitsConfig:
     store_invite_per_sender: RateLimit = field(
         default_factory=lambda: RateLimit(100, Duration(3600))
     )
+    # Invites to one address (medium:address, canonical), whoever sends them.
+    store_invite_per_address: RateLimit = field(
+        default_factory=lambda: RateLimit(10, Duration(86400))
+    )
+    # store-invite is called by the homeserver: this counts a whole homeserver (its IP).
+    store_invite_per_ip: RateLimit = field(default_factory=lambda: RateLimit(1000, Duration(3600)))
+    # account/register (called by clients) from one IP.
+    register_per_ip: RateLimit = field(default_factory=lambda: RateLimit(60, Duration(3600)))
+    # Addresses looked up by the legacy v1 lookup/bulk_lookup from one IP (api.v1_enabled).
+    v1_lookup_per_ip: RateLimit = field(default_factory=lambda: RateLimit(1000, Duration(3600)))
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
 from appservice.clock import Clock
+from appservice.config import RateLimit
 from appservice.crypto.hashing import token_hash
 from appservice.db.accounts import Account, AccountStore
 from appservice.errors import MatrixError, invalid_param, unauthorized
 from appservice.federation.discovery import FederationError, is_valid_server_name
 from appservice.federation.openid import OpenIdError
+from appservice.services.ratelimits import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,13 @@ class AccountService:
         verify_openid: OpenIdVerifier,
         clock: Clock,
         allowed_homeservers: Sequence[str] = (),
+        *,
+        ratelimiter: RateLimiter,
+        register_limit: RateLimit,
     ) -> None:
         self._store = store
+        self._ratelimiter = ratelimiter
+        self._register_limit = register_limit
         self._verify_openid = verify_openid
         self._clock = clock
         self._allowed = frozenset(allowed_homeservers)
@@ -41,14 +48,17 @@ class AccountService:
         # A logout on another instance takes effect here within TOKEN_CACHE_TTL_S.
         self._cache: dict[str, tuple[Account, float]] = {}
 
-    async def register(self, openid_token: str, server_name: str) -> str:
-        """Exchange an OpenID token for a new access token of the user it identifies."""
+    async def register(self, openid_token: str, server_name: str, requester_ip: str) -> str:
+        """Exchange an OpenID token for a new access token of the user it identifies; at most
+        ``ratelimits.register_per_ip`` attempts per client IP, counted before the homeserver is
+        asked (a refused or failed attempt counts too)."""
         if not is_valid_server_name(server_name):
             raise invalid_param("matrix_server_name is not a valid server name")
         if self._allowed and server_name not in self._allowed:
             raise MatrixError(
                 403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
             )
+        await self._ratelimiter.hit("register_ip", requester_ip, self._register_limit)
         try:
             user_id = await self._verify_openid(server_name, openid_token)
         except OpenIdError as e:

@@ -18,7 +18,7 @@ import signedjson.sign
 from unpaddedbase64 import encode_base64
 
 from appservice.clock import Clock
-from appservice.config import InvitesConfig, RateLimit
+from appservice.config import InvitesConfig, RateLimitsConfig
 from appservice.crypto.signing import KeyRing
 from appservice.db.bindings import Binding, BindingStore
 from appservice.db.database import AppDatabase
@@ -30,7 +30,7 @@ from appservice.notifications.connectors import EmailConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
 from appservice.services.keys import normalise_public_key
-from appservice.services.ratelimits import RateLimiter
+from appservice.services.ratelimits import Event, RateLimiter
 from appservice.threepid import is_room_id, parse_email, user_id_server
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class InviteService:
         email: EmailConnector,
         ratelimiter: RateLimiter,
         config: InvitesConfig,
-        sender_limit: RateLimit,
+        limits: RateLimitsConfig,
         *,
         server_name: str,
         public_base_url: str,
@@ -98,7 +98,7 @@ class InviteService:
         self._email = email
         self._ratelimiter = ratelimiter
         self._config = config
-        self._sender_limit = sender_limit
+        self._limits = limits
         self._server_name = server_name
         self._public_base_url = public_base_url.rstrip("/")
         self._expired_user_id = config.expiration.resolve_to or expired_user_id
@@ -111,8 +111,13 @@ class InviteService:
         """Who expired invites are resolved to."""
         return self._expired_user_id
 
-    async def store_invite(self, request: StoreInviteRequest, caller: str) -> dict[str, Any]:
-        """Store an invite, mail the invitee, and answer what the homeserver puts in the room."""
+    async def store_invite(
+        self, request: StoreInviteRequest, caller: str, requester_ip: str
+    ) -> dict[str, Any]:
+        """Store an invite, mail the invitee, and answer what the homeserver puts in the room.
+
+        Limited per sender, per invited address and per requesting IP (the homeserver's, as
+        homeservers make this call for their users)."""
         if request.medium != "email":
             raise MatrixError(400, "M_UNRECOGNIZED", f"Unsupported medium {request.medium!r}")
         address = parse_email(request.address)
@@ -126,9 +131,14 @@ class InviteService:
             raise invalid_param("sender must be a Matrix user ID")
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
-        sender_limit = [("store_invite_sender", request.sender, self._sender_limit)]
-        # A sender already known to be over the limit is refused before any mail is started.
-        self._ratelimiter.refuse_if_exhausted(sender_limit)
+        limits: list[Event] = [
+            ("store_invite_sender", request.sender, self._limits.store_invite_per_sender),
+            ("store_invite_address", f"email:{address}", self._limits.store_invite_per_address),
+            ("store_invite_ip", requester_ip, self._limits.store_invite_per_ip),
+        ]
+        # A sender, address or IP already known to be over its limit is refused before any mail
+        # is started.
+        self._ratelimiter.refuse_if_exhausted(limits)
         ephemeral = nacl.signing.SigningKey.generate()
         server_key = self._keyring.current
         details = {k: v for k, v in request.details.items() if k in DETAIL_FIELDS and v}
@@ -152,13 +162,13 @@ class InviteService:
             signing_key_id=server_key.key_id,
         )
         # The write (which checks the address is unbound in the same statement) and the rate
-        # limit's hit go out together, so the mail's gate waits for one database round trip,
+        # limits' hits go out together, so the mail's gate waits for one database round trip,
         # not two; an attempt for a bound address counts too. They run while the email is
         # rendered: the yield lets them send their queries first (a task does not start
         # before its creator awaits something).
         checks = asyncio.gather(
             self._invites.create_unless_bound(invite),
-            self._ratelimiter.hit_all(sender_limit),
+            self._ratelimiter.hit_all(limits),
             return_exceptions=True,
         )
         await asyncio.sleep(0)

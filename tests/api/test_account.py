@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from appservice.app import IdentityServer
@@ -162,3 +164,75 @@ async def test_logout_on_another_instance_takes_effect_within_the_cache_time(
         assert info.value.errcode == "M_UNAUTHORIZED"
     finally:
         await other.stop()
+
+
+class TestRegisterRateLimit:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "ratelimits: {register_per_ip: {limit: 3, period: 1h}}"
+
+    async def test_register_is_limited_per_client_ip_before_asking_the_homeserver(
+        self, api: Api, clock: FakeClock
+    ) -> None:
+        for n in range(3):
+            await api.register(f"user{n}")
+        credentials = api.homeserver.issue_openid_token("@mallory:hs.test", "tok-mallory")
+        async with api.client.post(REGISTER, json=credentials) as resp:
+            assert resp.status == 429
+            body = await resp.json()
+            assert body["errcode"] == "M_LIMIT_EXCEEDED"
+            assert 0 < body["retry_after_ms"] <= 3_600_000
+            assert int(resp.headers["Retry-After"]) > 0
+        # Refused before the homeserver was asked, and no account was made.
+        assert len(api.homeserver.requests) == 3
+        assert await api.server.db.fetchval("SELECT COUNT(*) FROM accounts") == 3
+        clock.advance(3600)
+        status, body = await api.request("POST", REGISTER, json=credentials)
+        assert status == 200, body
+
+    async def test_failed_registrations_count_too(self, api: Api) -> None:
+        bad = {**api.homeserver.issue_openid_token("@x:hs.test", "t"), "access_token": "wrong"}
+        for _ in range(3):
+            status, body = await api.request("POST", REGISTER, json=bad)
+            assert (status, body["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+        credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+        status, body = await api.request("POST", REGISTER, json=credentials)
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+
+
+class TestRegisterRateLimitUnderConcurrency:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "ratelimits: {register_per_ip: {limit: 20, period: 1h}}"
+
+    async def test_parallel_registrations_from_one_ip_make_exactly_the_limit(
+        self, api: Api
+    ) -> None:
+        bodies = [
+            api.homeserver.issue_openid_token(f"@u{i}:hs.test", f"tok{i}") for i in range(250)
+        ]
+        results = await asyncio.gather(
+            *(api.request("POST", REGISTER, json=body) for body in bodies)
+        )
+        statuses = [status for status, _ in results]
+        assert statuses.count(200) == 20
+        assert statuses.count(429) == 230
+        assert await api.server.db.fetchval("SELECT COUNT(*) FROM accounts") == 20
+        assert len(api.homeserver.requests) <= 20
+
+
+class TestRegisterRateLimitBehindAProxy:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return (
+            "ratelimits: {register_per_ip: {limit: 1, period: 1h}}\n"
+            "listen: {trusted_proxies: [127.0.0.1/32]}"
+        )
+
+    async def test_each_client_behind_a_trusted_proxy_has_its_own_budget(self, api: Api) -> None:
+        for n, ip in enumerate(("203.0.113.1", "203.0.113.2", "203.0.113.1")):
+            credentials = api.homeserver.issue_openid_token(f"@c{n}:hs.test", f"tok-c{n}")
+            status, _ = await api.request(
+                "POST", REGISTER, json=credentials, headers={"X-Forwarded-For": ip}
+            )
+            assert status == (429 if n == 2 else 200)

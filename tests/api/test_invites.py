@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -411,6 +412,111 @@ class TestSenderRateLimit:
         ]
         clock.advance(3600)
         assert (await store_invite(api, alice_token, alice, "b3@example.com"))[0] == 200
+
+
+async def test_the_eleventh_invite_to_one_address_in_a_day_is_refused_and_not_mailed(
+    api: Api, clock: FakeClock
+) -> None:
+    senders = [await api.register(f"sender{n}") for n in range(4)]
+    for n in range(10):
+        sender, token = senders[n % 4]
+        status, body = await store_invite(
+            api, token, sender, "victim@example.com", f"!r{n}:hs.test"
+        )
+        assert status == 200, body
+    await api.smtp.wait_for(10)
+    # Whoever sends it and however the address is spelt, the address has had its 10 today.
+    sender, token = senders[0]
+    for spelling in ("victim@example.com", "Victim@EXAMPLE.com"):
+        async with api.client.post(
+            STORE_INVITE,
+            headers={"Authorization": f"Bearer {token}"},
+            json={"medium": "email", "address": spelling, "room_id": ROOM, "sender": sender},
+        ) as resp:
+            assert resp.status == 429
+            body = await resp.json()
+            assert body["errcode"] == "M_LIMIT_EXCEEDED"
+            assert 0 < body["retry_after_ms"] <= 86_400_000
+            assert int(resp.headers["Retry-After"]) > 0
+    assert len(await InviteStore(api.server.db).list(None, 100)) == 10
+    # Other addresses are not affected.
+    assert (await store_invite(api, token, sender, "someone@example.com"))[0] == 200
+    mails = await api.smtp.wait_for(11)
+    assert len(mails) == 11
+    assert [m.rcpt_tos for m in mails].count(("victim@example.com",)) == 10
+    clock.advance(86_400)
+    assert (await store_invite(api, token, sender, "victim@example.com"))[0] == 200
+
+
+class TestInviteAddressLimitUnderConcurrency:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        # One sender makes all the calls here; only the per-address limit is in play.
+        return "ratelimits: {store_invite_per_sender: {limit: 10000, period: 1h}}"
+
+    async def test_parallel_invites_to_one_address_store_and_mail_exactly_the_limit(
+        self, api: Api
+    ) -> None:
+        sender, token = await api.register("alice")
+        results = await asyncio.gather(
+            *(
+                store_invite(api, token, sender, "victim@example.com", f"!r{n}:hs.test")
+                for n in range(200)
+            )
+        )
+        statuses = [status for status, _ in results]
+        assert statuses.count(200) == 10, statuses
+        assert statuses.count(429) == 190
+        stored = await InviteStore(api.server.db).list(None, 1000)
+        tokens = {body["token"] for status, body in results if status == 200}
+        assert {invite.token for invite in stored} == tokens
+        await api.smtp.wait_for(10)
+        await asyncio.sleep(0.2)  # a mail that was wrongly delivered would have arrived by now
+        assert len(api.smtp.mails) == 10
+
+
+class TestInviteIpLimit:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return (
+            "ratelimits: {store_invite_per_ip: {limit: 3, period: 1h}}\n"
+            "listen: {trusted_proxies: [127.0.0.1/32]}"
+        )
+
+    async def test_store_invite_is_limited_per_requesting_ip(
+        self, api: Api, clock: FakeClock
+    ) -> None:
+        users = [await api.register(f"user{n}") for n in range(5)]
+
+        async def invite_from(ip: str, n: int) -> tuple[int, Any]:
+            sender, token = users[n]
+            body = {"medium": "email", "address": f"b{n}@example.com", "room_id": ROOM}
+            return await api.request(
+                "POST",
+                STORE_INVITE,
+                token=token,
+                json={**body, "sender": sender},
+                headers={"X-Forwarded-For": ip},
+            )
+
+        # One homeserver (IP), different users and addresses.
+        for n in range(3):
+            assert (await invite_from("198.51.100.7", n))[0] == 200
+        status, body = await invite_from("198.51.100.7", 3)
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        assert 0 < body["retry_after_ms"] <= 3_600_000
+        # Another homeserver has its own budget.
+        assert (await invite_from("198.51.100.8", 4))[0] == 200
+        mails = await api.smtp.wait_for(4)
+        assert sorted(m.rcpt_tos[0] for m in mails) == [
+            "b0@example.com",
+            "b1@example.com",
+            "b2@example.com",
+            "b4@example.com",
+        ]
+        assert len(await InviteStore(api.server.db).list(None, 10)) == 4
+        clock.advance(3600)
+        assert (await invite_from("198.51.100.7", 3))[0] == 200
 
 
 class TestTermsNotAccepted:
