@@ -171,6 +171,8 @@ class IdentityServer:
             self.clock,
             stores=self.stores,
             copies=store_copies,
+            ratelimiter=self.ratelimiter,
+            v1_limit=config.ratelimits.v1_lookup_per_ip,
         )
         self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
         notifications = config.notifications
@@ -442,8 +444,7 @@ class IdentityServer:
         bind.add_routes(app.router, ctx)
         invites.add_routes(app.router, ctx)
         invite_proxy.add_routes(app.router, ctx)
-        if ctx.v1_enabled:
-            v1.add_routes(app.router, ctx)
+        v1.add_routes(app.router, ctx)  # the key paths always, the lookups if enabled
         return app
 
     def tls_context(self) -> ssl.SSLContext | None:

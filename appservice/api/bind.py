@@ -49,5 +49,6 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
     router.add_post(f"{PREFIX}/3pid/bind", bind)
     router.add_post(f"{PREFIX}/3pid/unbind", unbind)
-    if ctx.v1_enabled:
-        router.add_post("/_matrix/identity/api/v1/3pid/unbind", unbind)
+    # Authenticated like the v2 path, so served whatever api.v1_enabled says (older homeservers
+    # unbind through it).
+    router.add_post("/_matrix/identity/api/v1/3pid/unbind", unbind)

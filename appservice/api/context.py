@@ -34,7 +34,7 @@ class ApiContext:
     # Renders a web page template (validation result pages).
     render_page: Callable[..., str]
     trusted_proxies: Sequence[IPNetwork] = ()
-    v1_enabled: bool = True
+    v1_enabled: bool = False
     # Checks and forwards the client-server endpoints that can make a 3PID invite.
     invite_policy: InvitePolicyService | None = None
 

@@ -482,7 +482,7 @@ class NotificationsConfig:
 class ApiConfig:
     """Which API generations are served."""
 
-    v1_enabled: bool = True
+    v1_enabled: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from appservice.clock import Clock
-from appservice.config import LookupConfig
+from appservice.config import LookupConfig, RateLimit
 from appservice.crypto.hashing import lookup_hash, new_pepper
 from appservice.crypto.signing import KeyRing
 from appservice.db.bindings import Binding, BindingStore
@@ -14,6 +14,7 @@ from appservice.db.server_state import ServerStateStore
 from appservice.db.store_threepids import StoreThreepidStore
 from appservice.errors import MatrixError, invalid_param
 from appservice.identity_stores import IdentityStores, Threepid
+from appservice.services.ratelimits import RateLimiter
 from appservice.threepid import MEDIUMS, canonical_address
 
 PEPPER_KEY = "lookup_pepper"
@@ -40,8 +41,13 @@ class LookupService:
         clock: Clock,
         stores: IdentityStores | None = None,
         copies: StoreThreepidStore | None = None,
+        *,
+        ratelimiter: RateLimiter,
+        v1_limit: RateLimit,
     ) -> None:
         self._bindings = bindings
+        self._ratelimiter = ratelimiter
+        self._v1_limit = v1_limit
         self._stores = stores or IdentityStores(())
         self._copies = copies
         self._state = state
@@ -111,8 +117,13 @@ class LookupService:
             self._server_name,
         )
 
-    async def lookup_one_signed(self, medium: str, address: str) -> dict[str, Any]:
-        """Legacy v1 ``GET /lookup``: the signed association, or ``{}`` when there is none."""
+    async def lookup_one_signed(
+        self, medium: str, address: str, requester_ip: str
+    ) -> dict[str, Any]:
+        """Legacy v1 ``GET /lookup``: the signed association, or ``{}`` when there is none.
+
+        Unauthenticated, so counted against ``ratelimits.v1_lookup_per_ip`` first."""
+        await self._ratelimiter.hit("v1_lookup_ip", requester_ip, self._v1_limit)
         canonical = canonical_address(medium, address) if medium in MEDIUMS else None
         if canonical is None:
             return {}
@@ -136,12 +147,19 @@ class LookupService:
                 )
         return {}
 
-    async def bulk_lookup(self, threepids: Sequence[tuple[str, str]]) -> list[list[str]]:
-        """Legacy v1 ``POST /bulk_lookup``: ``[medium, address, mxid]`` for each bound 3PID."""
-        if len(threepids) > self._config.max_addresses:
-            raise invalid_param(
-                f"Too many 3PIDs: {len(threepids)} (at most {self._config.max_addresses})"
-            )
+    async def bulk_lookup(
+        self, threepids: Sequence[tuple[str, str]], requester_ip: str
+    ) -> list[list[str]]:
+        """Legacy v1 ``POST /bulk_lookup``: ``[medium, address, mxid]`` for each bound 3PID.
+
+        Unauthenticated, so each 3PID asked for counts against ``ratelimits.v1_lookup_per_ip``
+        first (a request larger than that limit could never pass: 400)."""
+        most = min(self._config.max_addresses, self._v1_limit.limit)
+        if len(threepids) > most:
+            raise invalid_param(f"Too many 3PIDs: {len(threepids)} (at most {most})")
+        await self._ratelimiter.hit(
+            "v1_lookup_ip", requester_ip, self._v1_limit, max(1, len(threepids))
+        )
         found = await self._find_plain(dict(enumerate(threepids)))
         return [[*threepids[i], mxid] for i, mxid in found]
 

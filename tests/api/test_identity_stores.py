@@ -17,6 +17,8 @@ from tests.support.api_server import Api
 LOOKUP = "/_matrix/identity/v2/lookup"
 
 config_yaml_static = """
+api:
+  v1_enabled: true  # the v1 lookups ask the stores too
 lookup:
   algorithms: [sha256, none]
 stores:
