@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from mautrix.util.async_db import Database, Scheme
 from mautrix.util.async_db.aiosqlite import in_transaction as sqlite_in_transaction
 from mautrix.util.async_db.connection import LoggingConnection
 from mautrix.util.async_db.database import conn_var
+
+from appservice.private_files import make_private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,47 @@ def _check_sqlite_file(path: str) -> None:
         raise DatabaseError(f"database.url: cannot open {path}: {e}") from None
 
 
+def _prepare_sqlite_file(path: Path) -> None:
+    """Create the SQLite database file 0600 (and the directories it needs 0700) before SQLite
+    opens it; tighten an existing one that other users can read.
+
+    The database holds client secrets, invite tokens and every address. SQLite would create the
+    file 0644 under the usual umask, and it gives the ``-wal`` and ``-shm`` files the mode of the
+    database file: so a database file that is 0600 keeps all three private. A file readable by
+    other users (what earlier releases made) is made 0600, with its ``-wal`` and ``-shm``; a
+    group-only mode such as 0640 is the operator's choice and is left alone.
+    """
+    try:
+        make_private_dirs(path.parent)
+    except OSError as e:
+        raise DatabaseError(
+            f"database.url: cannot create the directory of {path}: {e.strerror}"
+        ) from None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            _tighten(file)
+    except OSError as e:
+        raise DatabaseError(f"database.url: cannot create {path}: {e.strerror}") from None
+    else:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """Make ``path`` 0600 when other users may access it (it may not exist)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o007:
+            os.chmod(path, 0o600)
+            log.warning("%s was readable by other users (mode %04o); it is now 0600", path, mode)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot make %s 0600: %s", path, e.strerror)
+
+
 class AppDatabase:
     """The application's database: a mautrix ``Database`` plus dialect helpers."""
 
@@ -138,13 +182,7 @@ class AppDatabase:
         if url.startswith("sqlite:"):
             path = url.removeprefix("sqlite:").removeprefix("//")
             if path != ":memory:":
-                try:
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise DatabaseError(
-                        f"database.url: cannot create the directory of {path}: {e.strerror}"
-                    ) from None
-                self._sqlite_path = path
+                self._sqlite_path = path  # created by start(), not here (see exists())
             db_args: dict[str, Any] = {"min_size": 1}
         else:
             db_args = {
@@ -185,9 +223,27 @@ class AppDatabase:
         """``postgres`` or ``sqlite``."""
         return "postgres" if self.is_postgres else "sqlite"
 
+    def exists(self) -> bool:
+        """Whether the database exists (on SQLite the file; a PostgreSQL database is made by
+        its operator), for commands that must not create it."""
+        return self._sqlite_path is None or os.path.exists(self._sqlite_path)
+
+    async def has_table(self, name: str) -> bool:
+        """Whether ``name`` is a table of this database (on PostgreSQL in the search path)."""
+        if self.is_postgres:
+            return bool(await self.fetchval("SELECT to_regclass($1) IS NOT NULL", name))
+        return bool(
+            await self.fetchval(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
+                name,
+            )
+        )
+
     async def start(self) -> None:
-        """Connect (no migrations)."""
+        """Connect (no migrations); on SQLite, create the database file first (see
+        :func:`_prepare_sqlite_file`)."""
         if self._sqlite_path is not None:
+            _prepare_sqlite_file(Path(self._sqlite_path))
             _check_sqlite_file(self._sqlite_path)
         try:
             await self.db.start()

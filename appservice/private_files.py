@@ -1,0 +1,27 @@
+"""Directories and files that hold secrets or personal data: ours are created 0700 and 0600.
+
+A directory the operator made is left as it is: only the directories created here get 0700.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each 0700 (whatever the umask); existing
+    directories, and ones another process creates at the same moment, are left alone."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)
