@@ -134,7 +134,8 @@ class IdentityServer:
         self.db = AppDatabase(
             config.database.url, config.database.min_connections, config.database.max_connections
         )
-        self.keyring = KeyRing.load_or_create(Path(config.keys.signing_key_path))
+        # Loaded (or, on a fresh deployment, created) by open(), checked against the database.
+        self.keyring = KeyRing(Path(config.keys.signing_key_path))
         fed = config.federation
         self.federation = FederationClient(
             overrides=fed.overrides,

@@ -23,7 +23,7 @@ from appservice.db.database import AppDatabase, DatabaseError
 from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
 from appservice.db.outbox import PENDING as QUEUED
-from appservice.db.signing_keys import SigningKeyStore
+from appservice.db.signing_keys import SigningKeyStore, StoredSigningKey
 from appservice.errors import StartupError
 from appservice.identity_stores import StoreError
 from appservice.matrix.registration import (
@@ -33,6 +33,7 @@ from appservice.matrix.registration import (
     write_registration,
 )
 from appservice.resources import EXAMPLE_CONFIG
+from appservice.services.keys import KeyService, ListedKey, list_keys
 
 if TYPE_CHECKING:
     from appservice.app import IdentityServer
@@ -78,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="show or rotate the signing keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     _with_config(key_commands.add_parser("show", help="list the signing keys"))
-    _with_config(
+    rotate = _with_config(
         key_commands.add_parser(
             "rotate",
             help="make a new current key; older keys stay valid for the invites stored under them",
         )
+    )
+    rotate.add_argument(
+        "--replace-lost-key",
+        action="store_true",
+        help="the key file is lost for good: make a new one whose key takes the next unused id",
     )
     revoke = _with_config(
         key_commands.add_parser(
@@ -205,18 +211,24 @@ async def _migrate(config: Config) -> list[int]:
         await db.stop()
 
 
-async def _keys(config: Config, action: str, key_id: str | None = None) -> int:
-    keyring = KeyRing.load_or_create(Path(config.keys.signing_key_path))
+async def _keys(
+    config: Config, action: str, key_id: str | None = None, replace_lost: bool = False
+) -> int:
+    if action == "show":
+        return await _keys_show(config)
+    keyring = KeyRing(Path(config.keys.signing_key_path))
     db = AppDatabase(config.database.url)
     await db.start()
     try:
         await db.migrate()
-        store = SigningKeyStore(db)
-        now_ms = Clock().now_ms()
-        await store.register(keyring.current.key_id, keyring.current.public_key, now_ms)
-        if action == "rotate":
-            new = keyring.rotate()
-            await store.register(new.key_id, new.public_key, now_ms)
+        keys = KeyService(keyring, SigningKeyStore(db), Clock())
+        if action == "rotate" and replace_lost:
+            new = await keys.replace_lost_key_file()
+            print(f"new key file {keyring.path}, current key {new.key_id} {new.public_key}")
+        else:
+            await keys.start()
+        if action == "rotate" and not replace_lost:
+            new = await keys.rotate()
             print(f"new current key {new.key_id} {new.public_key}")
         elif action == "revoke":
             if key_id == keyring.current.key_id:
@@ -225,18 +237,48 @@ async def _keys(config: Config, action: str, key_id: str | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            if key_id is None or not await store.revoke(key_id, now_ms):
+            if key_id is None or not await keys.revoke(key_id):
                 print(f"no valid key {key_id} to revoke", file=sys.stderr)
                 return 1
             print(f"revoked {key_id}")
-        current = keyring.current.key_id
-        for key in await store.all():
-            state = "revoked" if key.revoked_ts else "valid"
-            mark = " (current)" if key.key_id == current else ""
-            print(f"{key.key_id} {key.public_key} {state}{mark}")
+        _print_keys(list_keys(keyring.path, keyring.public_keys, await keys.published()))
     finally:
         await db.stop()
     return 0
+
+
+async def _keys_show(config: Config) -> int:
+    """List the keys, creating nothing: no key file, database or schema."""
+    keyring = KeyRing(Path(config.keys.signing_key_path))
+    in_file = None
+    if keyring.exists():
+        keyring.load()
+        in_file = keyring.public_keys
+    stored: list[StoredSigningKey] = []
+    db = AppDatabase(config.database.url)
+    if db.exists():
+        await db.start()
+        try:
+            if await db.has_table("signing_keys"):
+                stored = await SigningKeyStore(db).all()
+        finally:
+            await db.stop()
+    listed = list_keys(keyring.path, in_file, stored)
+    if not listed:
+        print(
+            f"keys: no signing key yet (no file at {keyring.path}); the server makes it on its "
+            "first start",
+            file=sys.stderr,
+        )
+        return 1
+    _print_keys(listed)
+    return 0
+
+
+def _print_keys(listed: Sequence[ListedKey]) -> None:
+    for key in listed:
+        mark = " (current)" if key.current else ""
+        print(f"{key.key_id} {key.public_key} {key.state}{mark}")
 
 
 # --- invites ------------------------------------------------------------------------------------
@@ -510,7 +552,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = asyncio.run(_migrate(config))
             print(f"applied {applied}" if applied else "database is up to date")
         elif args.command == "keys":
-            return asyncio.run(_keys(config, args.keys_command, getattr(args, "key_id", None)))
+            return asyncio.run(
+                _keys(
+                    config,
+                    args.keys_command,
+                    getattr(args, "key_id", None),
+                    getattr(args, "replace_lost_key", False),
+                )
+            )
         elif args.command == "invites":
             return asyncio.run(_invites(config, args))
     except ConfigError as e:

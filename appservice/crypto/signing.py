@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from typing import Any
 import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import encode_base64
+
+from appservice.private_files import make_private_dirs
 
 
 class KeyFileError(Exception):
@@ -41,30 +45,61 @@ def _contains_float(value: Any) -> bool:
 
 
 class KeyRing:
-    """The signing keys read from the key file; signs with the current one."""
+    """The signing keys of the key file; signs with the current one.
 
-    def __init__(self, path: Path, keys: list[Any]) -> None:
-        if not keys:
-            raise KeyFileError(f"keys: {path} holds no signing key")
+    Made empty and filled by :meth:`load` (or :meth:`create`), so that the caller decides
+    whether a missing file may be created: :class:`~appservice.services.keys.KeyService` first
+    asks the database whether this deployment already published keys.
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._keys = keys
+        self._keys: list[Any] = []
 
     @classmethod
     def load_or_create(cls, path: Path) -> KeyRing:
-        """Read the key file, creating it (mode 0600) with a fresh key ``ed25519:0`` if missing."""
-        if not path.exists():
-            _write_keys(path, [signedjson.key.generate_signing_key("0")])
+        """Read the key file, creating it (mode 0600) with a fresh key ``ed25519:0`` if missing.
+
+        Safe when several processes start at once: one creates the file, the others read it.
+        """
+        ring = cls(path)
+        if not ring.exists():
+            ring.create(ring.generate())
+        else:
+            ring.load()
+        return ring
+
+    def exists(self) -> bool:
+        """Whether the key file exists."""
+        return os.path.lexists(self.path)
+
+    def load(self) -> None:
+        """Read the key file."""
         try:
-            with path.open(encoding="utf-8") as f:
+            with self.path.open(encoding="utf-8") as f:
                 keys = signedjson.key.read_signing_keys(f)
+        except FileNotFoundError as e:
+            raise KeyFileError(f"keys: no signing key file at {self.path}") from e
         except (OSError, ValueError) as e:
-            raise KeyFileError(f"keys: cannot read signing key file {path}: {e}") from e
-        return cls(path, list(keys))
+            raise KeyFileError(f"keys: cannot read signing key file {self.path}: {e}") from e
+        if not keys:
+            raise KeyFileError(f"keys: {self.path} holds no signing key")
+        self._keys = list(keys)
 
     @property
     def current(self) -> PublicKey:
         """The key used for new signatures."""
-        return _public(self._keys[0])
+        return _public(self._loaded()[0])
+
+    @property
+    def public_keys(self) -> list[PublicKey]:
+        """Every key of the file, the current one first."""
+        return [_public(key) for key in self._loaded()]
+
+    def _loaded(self) -> list[Any]:
+        if not self._keys:
+            raise KeyFileError(f"keys: the signing key file {self.path} was not loaded")
+        return self._keys
 
     def sign(
         self, obj: dict[str, Any], server_name: str, key_id: str | None = None
@@ -75,18 +110,55 @@ class KeyRing:
         """
         if _contains_float(obj):
             raise ValueError("signed JSON must not contain floats")
-        key = next((k for k in self._keys if _key_id(k) == key_id), self._keys[0])
+        keys = self._loaded()
+        key = next((k for k in keys if _key_id(k) == key_id), keys[0])
         signed: dict[str, Any] = signedjson.sign.sign_json(copy.deepcopy(obj), server_name, key)
         return signed
 
+    def generate(self, taken_key_ids: Iterable[str] = ()) -> NewKey:
+        """A fresh key (not yet in the file) whose version is the next integer after those of
+        the file and of ``taken_key_ids`` (``ed25519:0`` for the first)."""
+        versions = [str(k.version) for k in self._keys]
+        versions += [key_id.partition(":")[2] for key_id in taken_key_ids]
+        numbers = [int(v) for v in versions if v.isdigit()]
+        return NewKey(signedjson.key.generate_signing_key(str(max(numbers, default=-1) + 1)))
+
+    def create(self, new: NewKey) -> bool:
+        """Create the key file holding only ``new``, unless it exists: then read that file
+        instead. True when this call created it.
+
+        The file is written under a unique temporary name and linked to its name, which fails
+        when it exists: processes starting together on a fresh deployment end up with one key,
+        and none ever reads a half-written file.
+        """
+        created = _create_exclusive(self.path, [new.signing_key])
+        self.load()
+        return created
+
+    def install(self, new: NewKey) -> None:
+        """Make ``new`` the current key, keeping the old ones in the file: they still sign the
+        onbind notifications of invites stored under them."""
+        keys = [new.signing_key, *self._loaded()]
+        _write_keys(self.path, keys)
+        self._keys = keys
+
     def rotate(self) -> PublicKey:
-        """Make a new current key (next integer version), keeping the old ones in the file: they
-        still sign the onbind notifications of invites stored under them."""
-        versions = [int(k.version) for k in self._keys if str(k.version).isdigit()]
-        new_key = signedjson.key.generate_signing_key(str(max(versions, default=-1) + 1))
-        self._keys = [new_key, *self._keys]
-        _write_keys(self.path, self._keys)
-        return _public(new_key)
+        """Make a new current key (next integer version) and write the file."""
+        new = self.generate()
+        self.install(new)
+        return new.public
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A generated signing key that is not in the key file yet."""
+
+    signing_key: Any
+
+    @property
+    def public(self) -> PublicKey:
+        """Its id and public key."""
+        return _public(self.signing_key)
 
 
 def _key_id(key: Any) -> str:
@@ -97,15 +169,46 @@ def _public(key: Any) -> PublicKey:
     return PublicKey(_key_id(key), encode_base64(key.verify_key.encode()))
 
 
-def _write_keys(path: Path, keys: list[Any]) -> None:
-    """Write the key file atomically, readable only by its owner."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+def _write_temporary(path: Path, keys: list[Any]) -> Path:
+    """Write ``keys`` to a new file (0600) with a unique name beside ``path``; its path."""
+    make_private_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             signedjson.key.write_signing_keys(f, keys)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _write_keys(path: Path, keys: list[Any]) -> None:
+    """Replace the key file atomically, readable only by its owner."""
+    try:
+        tmp = _write_temporary(path, keys)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise KeyFileError(f"keys: cannot write signing key file {path}: {e.strerror}") from e
+
+
+def _create_exclusive(path: Path, keys: list[Any]) -> bool:
+    """Create the key file unless it exists; False when it did (another process made it)."""
+    try:
+        tmp = _write_temporary(path, keys)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise KeyFileError(f"keys: cannot create signing key file {path}: {e.strerror}") from e
+    return True

@@ -23,8 +23,11 @@ class SigningKeyStore:
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
 
-    async def register(self, key_id: str, public_key: str, now_ms: int) -> None:
-        """Record a key (no-op when it is known)."""
+    async def register(self, key_id: str, public_key: str, now_ms: int) -> StoredSigningKey | None:
+        """Record a key unless its id (or its public key) is recorded already; then the key
+        recorded under ``key_id``, which the caller compares with its own: of instances
+        recording different keys for one id at once, exactly one gets its key recorded.
+        None when ``key_id`` is not recorded (its public key is, under another id)."""
         await self._db.execute(
             "INSERT INTO signing_keys (key_id, public_key, created_ts) VALUES ($1, $2, $3)"
             " ON CONFLICT DO NOTHING",
@@ -32,6 +35,7 @@ class SigningKeyStore:
             public_key,
             now_ms,
         )
+        return await self.by_id(key_id)
 
     async def revoke(self, key_id: str, now_ms: int) -> bool:
         """Revoke one key; False when there is no such key still valid."""
