@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_invites(config, args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return 1
     # OSError: a file or socket problem not named more precisely where it happened.
     except (DatabaseError, KeyFileError, StoreError, StartupError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -115,11 +115,11 @@ def test_migrate_then_again_is_up_to_date(
     assert "up to date" in capsys.readouterr().out
 
 
-def test_config_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_config_error_is_one_line_and_exit_1(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("invites:\n  expiration: {after: 7 dayz}\n")
     result = _cli("migrate", "-c", str(path))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         'config error: invites.expiration.after: "7 dayz" is not a duration'
         " (use e.g. 30s, 10m, 12h, 7d)"

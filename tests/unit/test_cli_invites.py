@@ -387,7 +387,7 @@ def test_config_and_database_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     config = tmp_path / "config.yaml"
     config.write_text("invites:\n  expiration: {after: 7 dayz}\n")
     capsys.readouterr()
-    assert _main("invites", "list", "-c", str(config)) == 2
+    assert _main("invites", "list", "-c", str(config)) == 1
     assert capsys.readouterr().err.startswith("config error: invites.expiration.after")
 
     config.write_text("database: {url: 'postgres://nobody@127.0.0.1:1/none'}\n")
