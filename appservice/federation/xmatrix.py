@@ -64,13 +64,16 @@ class XMatrixAuthorization:
 class XMatrixError(Exception):
     """The request's X-Matrix authentication is missing or not valid.
 
-    ``reason`` is safe to return to the client and to log; ``status`` is the HTTP status to answer
-    with (401; the caller chooses the Matrix errcode, such as ``M_UNAUTHORIZED``).
+    ``reason`` is for the log; ``public_reason`` (the same unless given) is safe to return to the
+    client, who may be anyone: it never says why the origin's keys could not be fetched (a
+    connection error names hosts, ports and what listens there). ``status`` is the HTTP status to
+    answer with (401; the caller chooses the Matrix errcode, such as ``M_UNAUTHORIZED``).
     """
 
-    def __init__(self, reason: str, status: int = 401) -> None:
+    def __init__(self, reason: str, status: int = 401, *, public_reason: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.public_reason = reason if public_reason is None else public_reason
         self.status = status
 
 
@@ -217,7 +220,11 @@ async def verify_x_matrix(
         verify_key = await fetcher.verify_key(auth.origin, auth.key)
     except FederationError as exc:
         # "could not fetch the keys of <origin>: <why>" or "<origin> has no current key <id>".
-        raise XMatrixError(f"could not verify the X-Matrix signature: {exc}") from None
+        raise XMatrixError(
+            f"could not verify the X-Matrix signature: {exc}",
+            public_reason=f"could not verify the X-Matrix signature: no usable key {auth.key} "
+            f"of {auth.origin}",
+        ) from None
     for name in names:
         for destination_field in ("destination_is", "destination"):
             signed: dict[str, Any] = {

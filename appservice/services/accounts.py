@@ -59,19 +59,24 @@ class AccountService:
                 403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
             )
         await self._ratelimiter.hit("register_ip", requester_ip, self._register_limit)
+        # The caller is not authenticated and chooses the server: the answer says only whether
+        # the token was refused or the server could not be asked, never why (a connection error
+        # names hosts, ports and what listens there); the reason goes to the log.
         try:
             user_id = await self._verify_openid(server_name, openid_token)
         except OpenIdError as e:
+            # A refused or malformed token is the client's doing; anything else the server's.
+            level = logging.INFO if e.status in (None, 401) else logging.WARNING
+            log.log(level, "OpenID check with %s failed: %s", server_name, e)
             if e.status is None or e.status < 500:
-                raise MatrixError(401, "M_UNKNOWN_TOKEN", f"OpenID token rejected: {e}") from e
-            log.warning("OpenID check with %s failed: %s", server_name, e)
+                raise MatrixError(401, "M_UNKNOWN_TOKEN", "OpenID token rejected") from e
             raise MatrixError(
-                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}: {e}"
+                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}"
             ) from e
         except FederationError as e:
             log.warning("OpenID check with %s failed: %s", server_name, e)
             raise MatrixError(
-                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}: {e}"
+                502, "M_UNKNOWN", f"Could not verify the OpenID token with {server_name}"
             ) from e
         token = secrets.token_urlsafe(32)
         await self._store.add(token_hash(token), user_id, self._clock.now_ms())

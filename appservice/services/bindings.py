@@ -113,7 +113,9 @@ class BindingService:
             try:
                 origin = await self._verify_request(authorization, method, uri, body)
             except XMatrixError as e:
-                raise forbidden(f"Invalid homeserver signature: {e.reason}") from e
+                if e.public_reason != e.reason:
+                    log.warning("unbind refused: %s", e.reason)
+                raise forbidden(f"Invalid homeserver signature: {e.public_reason}") from e
             if user_id_server(mxid) != origin:
                 raise forbidden(f"{origin} is not the homeserver of {mxid}")
         else:

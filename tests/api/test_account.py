@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -111,6 +112,50 @@ async def test_homeserver_error_is_502(api: Api) -> None:
     api.homeserver.userinfo_status = 503
     status, body = await api.request("POST", REGISTER, json=credentials)
     assert (status, body["errcode"]) == (502, "M_UNKNOWN")
+
+
+@pytest.mark.parametrize(
+    ("server_name", "why"),
+    [
+        # Loopback is in federation.allowed_networks: nothing listens on port 1.
+        ("127.0.0.1:1", "could not connect to 127.0.0.1:1"),
+        # Not in allowed_networks: refused before any connection.
+        ("10.1.2.3:22", "address not allowed"),
+    ],
+)
+async def test_register_does_not_tell_why_the_homeserver_could_not_be_asked(
+    api: Api, caplog: pytest.LogCaptureFixture, server_name: str, why: str
+) -> None:
+    # Otherwise anyone could scan ports through the server (what is open, refused, filtered).
+    status, body = await api.request(
+        "POST",
+        REGISTER,
+        json={
+            "access_token": "x",
+            "token_type": "Bearer",
+            "matrix_server_name": server_name,
+            "expires_in": 3600,
+        },
+    )
+    assert (status, body) == (
+        502,
+        {"errcode": "M_UNKNOWN", "error": f"Could not verify the OpenID token with {server_name}"},
+    )
+    [record] = [r for r in caplog.records if r.name == "appservice.services.accounts"]
+    assert record.levelno == logging.WARNING
+    assert why in record.getMessage()
+
+
+async def test_register_does_not_echo_what_the_homeserver_answered(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    api.homeserver.userinfo_status = 404
+    status, body = await api.request("POST", REGISTER, json=credentials)
+    assert (status, body) == (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "OpenID token rejected"})
+    [record] = [r for r in caplog.records if r.name == "appservice.services.accounts"]
+    assert record.levelno == logging.WARNING
+    assert "HTTP 404" in record.getMessage()
 
 
 async def test_logout_invalidates_token(api: Api) -> None:

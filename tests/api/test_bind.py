@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import signedjson.key
 import signedjson.sign
@@ -210,6 +212,24 @@ async def test_signed_for_another_identity_server_is_403(api: Api) -> None:
     auth = hs.sign_request("POST", UNBIND, "other-id.example", body)
     status, answer = await api.request("POST", UNBIND, json=body, headers={"Authorization": auth})
     assert (status, answer["errcode"]) == (403, "M_FORBIDDEN")
+
+
+async def test_signed_unbind_does_not_tell_why_the_origin_keys_could_not_be_fetched(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The origin is the caller's choice: the answer must not say what listens where.
+    hs = api.signing_homeserver
+    body = _unbind_body("@bob:127.0.0.1:1")
+    auth = hs.sign_request("POST", UNBIND, "id.test", body, origin="127.0.0.1:1")
+    status, answer = await api.request("POST", UNBIND, json=body, headers={"Authorization": auth})
+    assert (status, answer["errcode"]) == (403, "M_FORBIDDEN")
+    assert answer["error"] == (
+        "Invalid homeserver signature: could not verify the X-Matrix signature: "
+        f"no usable key {hs.key_id} of 127.0.0.1:1"
+    )
+    [record] = [r for r in caplog.records if r.name == "appservice.services.bindings"]
+    assert record.levelno == logging.WARNING
+    assert "could not connect to 127.0.0.1:1" in record.getMessage()
 
 
 class TestUnbindNotification:
