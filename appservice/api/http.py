@@ -9,6 +9,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import repeat
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
@@ -170,14 +171,43 @@ def access_token(request: web.Request) -> str | None:
     return request.query.get("access_token") or None
 
 
-_SECRET_QUERY = re.compile(r"((?:access_token|token|client_secret)=)[^&\s]*")
+# A query parameter whose decoded, lower-cased name contains one of these is a secret
+# (access_token, id_access_token, token, client_secret, ...).
+_SECRET_NAME_PARTS = ("token", "secret", "password")
+_QUERY_SEPARATORS = re.compile(r"([&;])")
+
+
+def _is_secret_name(name: str) -> bool:
+    # Decoded as the server decodes it ("%5F", "%5f", "+"), and again while that changes
+    # something: too much redacted is harmless, a token in the log is not.
+    for _ in range(5):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    folded = name.casefold()
+    return any(part in folded for part in _SECRET_NAME_PARTS)
+
+
+def redact_query(path_qs: str) -> str:
+    """``path_qs`` with the value of every secret query parameter replaced by ``<redacted>``."""
+    path, question_mark, query = path_qs.partition("?")
+    if not question_mark:
+        return path_qs
+    # Split on ";" too: more than the server splits on, so never less redacted.
+    parts = _QUERY_SEPARATORS.split(query)
+    for i in range(0, len(parts), 2):
+        name, equals, _ = parts[i].partition("=")
+        if equals and _is_secret_name(name):
+            parts[i] = f"{name}=<redacted>"
+    return f"{path}?{''.join(parts)}"
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
     """One line per request, with secrets in the query string replaced."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        path = _SECRET_QUERY.sub(r"\1<redacted>", request.path_qs)
+        path = redact_query(request.path_qs)
         self.logger.info(
             "%s %s %s %d %.1fms",
             request.remote,
