@@ -31,7 +31,7 @@ from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
 from appservice.services.keys import normalise_public_key
 from appservice.services.ratelimits import Event, RateLimiter
-from appservice.threepid import is_room_id, parse_email, user_id_server
+from appservice.threepid import is_opaque_id, is_room_id, parse_email, user_id_server
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,9 @@ class InviteService:
         if user_id_server(mxid) is None:
             # What is signed is put in the invitee's membership event as the user's ID.
             raise invalid_param("mxid must be a Matrix user ID")
-        invite = await self._invites.by_token(token)
+        # Our tokens are opaque IDs; anything else is unknown without asking the database
+        # (PostgreSQL refuses a NUL in a query).
+        invite = await self._invites.by_token(token) if is_opaque_id(token) else None
         if invite is None:
             raise MatrixError(404, "M_UNRECOGNIZED", "Unknown invite token")
         seed = normalise_public_key(private_key)  # same encoding rules: 32 bytes of base64

@@ -590,14 +590,17 @@ async def test_sign_ed25519_accepts_a_url_safe_key(api: Api) -> None:
     signedjson.sign.verify_signed_json(body, "id.test", verify_key)
 
 
-async def test_sign_ed25519_with_unknown_token_is_404_unrecognized(api: Api) -> None:
+@pytest.mark.parametrize("invite_token", ["no-such-token", "a\x00b", "x" * 3000])
+async def test_sign_ed25519_with_unknown_token_is_404_unrecognized(
+    api: Api, invite_token: str
+) -> None:
     _, token = await api.register("alice")
     key = encode_base64(bytes(nacl.signing.SigningKey.generate()))
     status, body = await api.request(
         "POST",
         SIGN_ED25519,
         token=token,
-        json={"mxid": "@bob:hs.test", "token": "no-such-token", "private_key": key},
+        json={"mxid": "@bob:hs.test", "token": invite_token, "private_key": key},
     )
     assert (status, body["errcode"]) == (404, "M_UNRECOGNIZED")
 
