@@ -15,6 +15,7 @@ from aiohttp import web
 
 from appservice.api.context import ApiContext
 from appservice.api.http import CORS_HEADERS
+from appservice.errors import MatrixError
 from appservice.services.invite_policy import (
     HomeserverAnswer,
     InvitePolicyService,
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 VERSIONS = ("api/v1", "r0", "v3", "unstable")
 # Query parameters that say who the caller is (an appservice acts as ``user_id``).
 _IDENTITY_QUERY = ("access_token", "user_id")
+# The request Content-Encodings aiohttp decodes (one header, any case); the body we read, check
+# and forward is then the decoded one.
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 
 
 def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
@@ -38,6 +42,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         return
 
     async def invite(request: web.Request) -> web.StreamResponse:
+        _check_content_encoding(request)
         body = await request.read()
         found = invite_in_body(body)
         return await _proxy(
@@ -45,6 +50,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         )
 
     async def create_room(request: web.Request) -> web.StreamResponse:
+        _check_content_encoding(request)
         body = await request.read()
         return await _proxy(request, policy, body, "a new room", invites_in_create_room(body))
 
@@ -54,6 +60,17 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         router.add_put(f"{prefix}/rooms/{{room_id}}/invite/{{txn_id}}", invite)
         router.add_post(f"{prefix}/createRoom", create_room)
         router.add_put(f"{prefix}/createRoom/{{txn_id}}", create_room)
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    """415 for a body aiohttp does not decode (an unknown or repeated Content-Encoding): it
+    could not be checked for 3PID invites, and homeservers do not decode request bodies."""
+    encodings = request.headers.getall("Content-Encoding", [])
+    if not encodings:
+        return
+    value = encodings[0].strip().lower() if encodings[0].isascii() else ""
+    if len(encodings) > 1 or value not in _DECODED_ENCODINGS | {"identity"}:
+        raise MatrixError(415, "M_UNRECOGNIZED", "Unsupported Content-Encoding")
 
 
 async def _proxy(
@@ -71,9 +88,10 @@ async def _proxy(
             headers = [(k, v) for k, v in answer.headers if k.lower() != "content-length"]
             return _with_cors(web.Response(status=answer.status, body=answer.body, headers=headers))
         await policy.check(sender, room, invites)
-    async with policy.forward(
-        request.method, request.raw_path, request.headers.items(), body
-    ) as upstream:
+    # The body is forwarded as read, decoded: without its Content-Encoding (the homeserver would
+    # decode it again or refuse it) and with a Content-Length of its own (forward() sets it).
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() != "content-encoding"]
+    async with policy.forward(request.method, request.raw_path, headers, body) as upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
         for name, value in upstream.headers:
             response.headers.add(name, value)

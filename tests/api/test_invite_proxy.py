@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import os
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -210,6 +212,42 @@ class TestForwarding:
             assert await resp.read() == error
         assert dict(hs_api.received[0].headers)["Accept-Encoding"] == "gzip"
 
+    @pytest.mark.parametrize("encoding", ["gzip", "GZip", "deflate"])
+    async def test_compressed_request_is_forwarded_decoded(
+        self, api: Api, hs_api: RecordingClientApi, encoding: str
+    ) -> None:
+        # aiohttp decodes the body it reads: forwarding it still labelled as compressed made
+        # every compressed request fail at the homeserver.
+        plain = b'{"user_id": "@bob:hs.test", "reason": "' + b"x" * 2000 + b'"}'
+        compressed = gzip.compress(plain) if encoding != "deflate" else zlib.compress(plain)
+        async with api.client.post(
+            INVITE,
+            data=compressed,
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+        ) as resp:
+            assert resp.status == 200
+        [forwarded] = hs_api.forwarded()
+        assert forwarded.body == plain
+        headers = {k.lower(): v for k, v in forwarded.headers}
+        assert "content-encoding" not in headers
+        assert headers["content-length"] == str(len(plain))
+
+    @pytest.mark.parametrize(
+        "encodings", [["compress"], ["x-gzip"], ["gzip, gzip"], ["gzip", "gzip"]]
+    )
+    async def test_body_in_an_encoding_not_decoded_is_415(
+        self, api: Api, hs_api: RecordingClientApi, encodings: list[str]
+    ) -> None:
+        # Its invites could not be checked.
+        request = f"POST {INVITE} HTTP/1.1\r\nHost: id.test\r\nConnection: close\r\n".encode()
+        request += b"".join(f"Content-Encoding: {e}\r\n".encode() for e in encodings)
+        body = gzip.compress(json.dumps(THREEPID).encode())
+        request += f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        status, _, answer = await raw_exchange(api, request)
+        assert status == 415
+        assert b"M_UNRECOGNIZED" in answer
+        assert hs_api.received == []
+
     async def test_body_not_json_is_forwarded_for_the_homeserver_to_refuse(
         self, api: Api, hs_api: RecordingClientApi
     ) -> None:
@@ -296,6 +334,21 @@ class TestRoles:
         assert status == 200
         [forwarded] = hs_api.forwarded()
         assert (forwarded.method, forwarded.target, forwarded.json()) == (method, path, THREEPID)
+
+    async def test_compressed_threepid_invite_is_checked_and_forwarded_decoded(
+        self, api: Api, hs_api: RecordingClientApi
+    ) -> None:
+        compressed = gzip.compress(json.dumps(THREEPID).encode())
+        for token, expected in ((CAROL_TOKEN, 403), (ALICE_TOKEN, 200)):
+            async with api.client.post(
+                INVITE,
+                data=compressed,
+                headers={"Authorization": f"Bearer {token}", "Content-Encoding": "gzip"},
+            ) as resp:
+                assert resp.status == expected
+        [forwarded] = hs_api.forwarded()
+        assert forwarded.json() == THREEPID
+        assert "content-encoding" not in {k.lower() for k, _ in forwarded.headers}
 
     async def test_mxid_invite_needs_no_role(self, api: Api, hs_api: RecordingClientApi) -> None:
         status, _ = await send(api, token=CAROL_TOKEN, body={"user_id": "@bob:hs.test"})
