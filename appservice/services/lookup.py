@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,9 @@ PEPPER_KEY = "lookup_pepper"
 # How long a signed association from an identity store is declared valid (v1 lookups): stores
 # change without telling us, so it is short.
 STORE_ASSOCIATION_VALIDITY_MS = 24 * 3600 * 1000
+# What a sha256 lookup sends: the URL-safe unpadded base64 of a SHA-256 digest. Anything else
+# matches nothing, so it is not asked of the database (on PostgreSQL a NUL would be an error).
+_SHA256_HASH = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class LookupService:
@@ -95,7 +99,7 @@ class LookupService:
         if algorithm == "sha256":
             # The addresses are the hashes, so what the index finds is the answer as it stands;
             # a repeated address is matched (and answered) once.
-            return await self._mxids_by_hash(addresses)
+            return await self._mxids_by_hash(list(filter(_SHA256_HASH.fullmatch, addresses)))
         # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
         plain: dict[Any, tuple[str, str]] = {}
         for entry in addresses:

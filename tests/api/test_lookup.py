@@ -59,6 +59,21 @@ async def test_sha256_lookup_maps_hits_and_leaves_out_misses(api: Api) -> None:
     assert body == {"mappings": {alice: "@alice:hs.test", bob: "@bob:hs.test"}}
 
 
+async def test_addresses_that_are_no_sha256_hash_match_nothing(api: Api) -> None:
+    _, token = await api.register()
+    pepper = await _pepper(api, token)
+    await api.add_binding("email", "alice@example.com", "@alice:hs.test")
+    alice = lookup_hash("alice@example.com", "email", pepper)
+    odd = ["\x00", f"{alice}\x00", f"{alice}\n", "x" * 3000, alice[:-1] + "=", alice + "A"]
+    status, body = await api.request(
+        "POST",
+        LOOKUP,
+        token=token,
+        json={"algorithm": "sha256", "pepper": pepper, "addresses": [*odd, alice]},
+    )
+    assert (status, body) == (200, {"mappings": {alice: "@alice:hs.test"}})
+
+
 async def test_repeated_addresses_are_answered_once(api: Api) -> None:
     _, token = await api.register()
     pepper = await _pepper(api, token)
