@@ -29,8 +29,9 @@ async def test_pubkey_serves_the_current_key(api: Api, prefix: str) -> None:
     assert len(decode_base64(body["public_key"])) == 32
 
 
-async def test_unknown_key_is_404_not_found(api: Api) -> None:
-    status, body = await api.request("GET", f"{V2}/pubkey/ed25519:nope")
+@pytest.mark.parametrize("key_id", ["ed25519:nope", "ed25519:%00", "%00", "x" * 3000])
+async def test_unknown_key_is_404_not_found(api: Api, key_id: str) -> None:
+    status, body = await api.request("GET", f"{V2}/pubkey/{key_id}")
     assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
 
 
