@@ -28,6 +28,18 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Origin, X-Requested-With, Content-Type, Accept, Authorization",
 }
 
+# The web pages (the validation result): nothing to run, frame, submit or load. The built-in
+# templates style themselves with an inline <style> element; an operator's may add data: images.
+PAGE_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        "frame-ancestors 'none'; form-action 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 _STATUS_ERRCODES = {
     404: ("M_UNRECOGNIZED", "Unrecognized request"),
     405: ("M_UNRECOGNIZED", "Unrecognized request method"),
@@ -63,6 +75,17 @@ def error_response(error: MatrixError) -> web.Response:
     return json_response(error.body(), error.status, error.headers)
 
 
+def html_response(text: str, status: int = 200) -> web.Response:
+    """A web page (UTF-8 HTML) with :data:`PAGE_SECURITY_HEADERS`."""
+    return web.Response(
+        text=text,
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers=PAGE_SECURITY_HEADERS,
+    )
+
+
 @web.middleware
 async def matrix_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer preflights, turn every failure into a Matrix error and add CORS headers."""
@@ -76,7 +99,12 @@ async def matrix_middleware(request: web.Request, handler: Handler) -> web.Strea
         except web.HTTPException as e:
             if e.status in _STATUS_ERRCODES:
                 errcode, message = _STATUS_ERRCODES[e.status]
-                response = error_response(MatrixError(e.status, errcode, message))
+                headers: dict[str, str] = {}
+                if isinstance(e, web.HTTPMethodNotAllowed):
+                    # RFC 9110: a 405 lists the resource's methods; preflights are answered
+                    # everywhere (above).
+                    headers["Allow"] = ", ".join(sorted(e.allowed_methods | {"OPTIONS"}))
+                response = error_response(MatrixError(e.status, errcode, message, headers=headers))
             elif e.status >= 400:
                 response = error_response(MatrixError(e.status, "M_UNKNOWN", e.reason))
             else:  # a redirect, which aiohttp sends from the exception itself

@@ -9,6 +9,7 @@ from aiohttp import web
 from appservice.api.context import ApiContext
 from appservice.api.http import (
     client_ip,
+    html_response,
     int_field,
     json_body,
     json_response,
@@ -109,9 +110,4 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
 
 def _page(ctx: ApiContext, name: str, status: int, **variables: Any) -> web.Response:
-    return web.Response(
-        text=ctx.render_page(name, **variables),
-        status=status,
-        content_type="text/html",
-        charset="utf-8",
-    )
+    return html_response(ctx.render_page(name, **variables), status)

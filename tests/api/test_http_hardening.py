@@ -4,12 +4,14 @@ however they are encoded, malformed HTTP logged as one warning line."""
 from __future__ import annotations
 
 import logging
+import re
 
 import aiohttp
 import pytest
 from yarl import URL
 
 from appservice.api.http import redact_query
+from tests.api.test_validation import EMAIL_SUBMIT, link_from_mail, request_email
 from tests.support.api_server import Api
 
 SECRET = "s3cr3t-VALUE"
@@ -58,3 +60,51 @@ async def test_access_log_of_the_listener_has_no_secret(
     assert len(lines) == len(queries)
     assert all("submitToken" in line and "<redacted>" in line for line in lines)
     assert not [line for line in lines if "s3cr3t" in line.lower()]
+
+
+async def test_wrong_method_is_405_unrecognized_with_allow(api: Api) -> None:
+    async with api.client.delete("/_matrix/identity/v2/terms") as resp:
+        assert resp.status == 405
+        assert (await resp.json())["errcode"] == "M_UNRECOGNIZED"
+        assert resp.headers["Allow"] == "GET, HEAD, OPTIONS, POST"
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    async with api.client.get("/_matrix/identity/v2/account/register") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "OPTIONS, POST"
+
+
+PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _csp(header: str) -> dict[str, str]:
+    directives = (d.strip().split(None, 1) for d in header.split(";") if d.strip())
+    return {d[0]: d[1] if len(d) > 1 else "" for d in directives}
+
+
+async def test_validation_pages_forbid_scripts_frames_and_referrers(api: Api) -> None:
+    _, token = await api.register()
+    await request_email(api, token)
+    await api.smtp.wait_for(1)
+    good = link_from_mail(api)
+    for params, status in ((dict(good, token="wrong"), 400), (good, 200), ({"sid": "1"}, 400)):
+        async with api.client.get(EMAIL_SUBMIT, params=params, allow_redirects=False) as resp:
+            assert resp.status == status
+            assert resp.content_type == "text/html"
+            assert {k: resp.headers.get(k) for k in PAGE_HEADERS} == PAGE_HEADERS
+            assert _csp(resp.headers["Content-Security-Policy"]) == {
+                "default-src": "'none'",
+                "style-src": "'unsafe-inline'",
+                "img-src": "data:",
+                "frame-ancestors": "'none'",
+                "form-action": "'none'",
+                "base-uri": "'none'",
+            }
+            page = await resp.text()
+        # What the built-in templates need is allowed: one inline <style> element, nothing
+        # loaded, no script, no style attribute.
+        assert page.count("<style>") == 1
+        assert not re.search(r"<script|<link|<img|<iframe|<form|\sstyle=|\ssrc=|\shref=", page)
