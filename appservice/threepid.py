@@ -66,7 +66,8 @@ def canonical_address(medium: str, address: str) -> str | None:
 
 def is_opaque_id(value: str) -> bool:
     """Whether ``value`` fits the grammar of ``client_secret``, ``sid`` and invite tokens."""
-    return bool(_OPAQUE_ID.match(value))
+    # fullmatch: "$" alone would let a trailing newline through.
+    return bool(_OPAQUE_ID.fullmatch(value))
 
 
 def is_localpart(value: str) -> bool:

@@ -135,7 +135,9 @@ async def test_invalid_email_is_400_invalid_email(api: Api, email: str) -> None:
     assert api.smtp.mails == []
 
 
-@pytest.mark.parametrize("secret", ["has space", "", "x" * 256, "ünïcode", "a/b"])
+@pytest.mark.parametrize(
+    "secret", ["has space", "", "x" * 256, "ünïcode", "a/b", "s3cret\n", "a\x00b"]
+)
 async def test_bad_client_secret_is_400_invalid_param(api: Api, secret: str) -> None:
     _, token = await api.register()
     status, body = await request_email(api, token, secret=secret)
