@@ -531,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     path = Path(args.config)
+    # Loading the config may log (a misspelt APPSERVICE_ variable): in the usual format.
+    _setup_logging(None)
     try:
         if args.command == "generate-config":
             if path.exists() and not args.force:

@@ -283,6 +283,19 @@ def _validate_next_link_rules(config: Config) -> None:
             )
 
 
+def _validate_listeners(config: Config) -> None:
+    """Addresses the listeners bind: a port outside 1-65535 would fail with a traceback, and an
+    empty host would silently listen on every interface."""
+    for key, host, port in (
+        ("listen", config.listen.host, config.listen.port),
+        ("appservice.listen", config.appservice.listen.host, config.appservice.listen.port),
+    ):
+        if not host.strip():
+            raise ConfigError(f"{key}.host: must not be empty (0.0.0.0 or :: for every interface)")
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{key}.port: {port} is not a TCP port")
+
+
 def _validate(config: Config) -> None:
     """Checks that span more than one value's type."""
     url = config.database.url
@@ -305,8 +318,15 @@ def _validate(config: Config) -> None:
             raise ConfigError(f'lookup.algorithms[{i}]: "{algorithm}" is not sha256 or none')
     if "sha256" not in config.lookup.algorithms:
         raise ConfigError("lookup.algorithms: must contain sha256 (the spec requires it)")
-    if not 1 <= config.listen.port <= 65535:
-        raise ConfigError(f"listen.port: {config.listen.port} is not a TCP port")
+    _validate_listeners(config)
+    database = config.database
+    if database.max_connections < 1:
+        raise ConfigError("database.max_connections: must be at least 1")
+    if not 0 <= database.min_connections <= database.max_connections:
+        raise ConfigError(
+            "database.min_connections: must be between 0 and max_connections "
+            f"({database.max_connections})"
+        )
     _validate_next_link_rules(config)
     if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
         raise ConfigError("listen.tls_cert: tls_cert and tls_key must be set together")

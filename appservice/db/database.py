@@ -250,12 +250,12 @@ class AppDatabase:
             if self.is_postgres:
                 self._postgres_pool = getattr(self.db, "pool", None)
         except (OSError, ConnectionError) as e:
-            raise DatabaseError(f"database: cannot connect: {e}") from e
+            raise DatabaseError(f"database.url: cannot connect: {e}") from e
         except sqlite3.Error as e:  # e.g. a directory where the file cannot be created
             raise DatabaseError(f"database.url: cannot open {self._sqlite_path}: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("asyncpg"):
-                raise DatabaseError(f"database: cannot connect: {e}") from e
+                raise DatabaseError(f"database.url: cannot connect: {e}") from e
             raise
 
     async def stop(self) -> None:

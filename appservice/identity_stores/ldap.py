@@ -74,8 +74,10 @@ class _VerifyingTls(Tls):  # type: ignore[misc]
     """
 
     def __init__(self, ca_file: str | None) -> None:
-        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        # First, so a missing or non-PEM file raises OSError naming why (ldap3 only says
+        # "invalid CA public key file").
         self.context = ssl.create_default_context(cafile=ca_file)
+        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
         self.failure: str | None = None
 
     def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
@@ -386,11 +388,14 @@ class LdapStore:
     def _connect(self) -> Any:
         """A new connection, TLS set up and bound; raises ``StoreError``."""
         config = self._config
-        tls = (
-            _VerifyingTls(config.ca_file)
-            if config.uri.startswith("ldaps://") or config.start_tls
-            else None
-        )
+        try:
+            tls = (
+                _VerifyingTls(config.ca_file)
+                if config.uri.startswith("ldaps://") or config.start_tls
+                else None
+            )
+        except OSError as e:  # ssl.SSLError too: a file without a PEM certificate
+            raise StoreError(f"cannot load ca_file {config.ca_file}: {e.strerror or e}") from None
         try:
             server = Server(
                 config.uri,

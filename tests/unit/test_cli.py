@@ -131,7 +131,7 @@ def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("database: {url: 'postgres://nobody@127.0.0.1:1/none'}\n")
     result = _cli("migrate", "-c", str(path))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: database: cannot connect")
+    assert result.stderr.startswith("error: database.url: cannot connect")
     assert "Traceback" not in result.stderr
 
 

@@ -394,5 +394,5 @@ def test_config_and_database_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     KeyRing.load_or_create(tmp_path / "signing.key")
     result = _cli("invites", "show", "x", "-c", str(config))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: database: cannot connect")
+    assert result.stderr.startswith("error: database.url: cannot connect")
     assert "Traceback" not in result.stderr

@@ -149,6 +149,52 @@ def test_a_missing_tls_cert_is_one_line_naming_the_path_and_setting(tmp_path: Pa
     assert not (tmp_path / "is.db").exists()
 
 
+def test_a_tls_cert_that_is_not_pem_is_one_line_naming_the_path_and_setting(
+    tmp_path: Path,
+) -> None:
+    certs = make_test_certificates(tmp_path / "tls")
+    der = tmp_path / "tls" / "cert.der"
+    der.write_bytes(b"\x30\x82\x01\x0a" + b"\x00" * 200)
+    config = _write_config(tmp_path, f"  tls_cert: '{der}'\n  tls_key: '{certs.key}'\n")
+    error = _the_error(_run(config))
+    assert error == f"error: listen.tls_cert: {der} is not a PEM certificate"
+
+
+def test_an_unusable_ldap_ca_file_is_one_line_naming_the_path_and_setting(tmp_path: Path) -> None:
+    missing = tmp_path / "ldap-ca.pem"
+    ldap = (
+        "stores:\n  order: [ldap]\n"
+        f"  ldap: {{uri: 'ldaps://127.0.0.1:{_free_port()}', base_dn: 'dc=example,dc=org',"
+        f" ca_file: '{missing}'}}\n"
+    )
+    error = _the_error(_run(_write_config(tmp_path, ldap)))
+    assert error == (
+        f"error: stores.ldap: cannot load ca_file {missing}: No such file or directory"
+    )
+
+
+def test_a_misspelt_environment_variable_is_one_formatted_warning_line(tmp_path: Path) -> None:
+    # `migrate` on a fresh SQLite file: it ends by itself, and loads the config as `run` does.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPSERVICE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "appservice", "migrate", "-c", str(_write_config(tmp_path))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT_S,
+        env={**env, "PYTHONPATH": str(REPO), "APPSERVICE_DATABSE_URL": "postgres://x@db/x"},
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "APPSERVICE_DATABSE_URL" in line]
+    # A log line like the others (time, level, logger), not a bare message.
+    assert len(warnings) == 1, result.stderr
+    assert LOG_LINE.match(warnings[0]), warnings[0]
+    assert warnings[0].endswith(
+        " WARNING appservice.config.loader: environment variable APPSERVICE_DATABSE_URL is not a"
+        " configuration option, ignored; did you mean APPSERVICE_DATABASE_URL?"
+    )
+
+
 # --- TLS files --------------------------------------------------------------------------------
 
 
@@ -261,6 +307,46 @@ def test_retry_max_below_retry_initial_is_refused(tmp_path: Path) -> None:
     assert _refused(text, tmp_path) == (
         "invites.delivery.retry_max: must be at least retry_initial"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listen: {host: ''}", "listen.host: must not be empty (0.0.0.0 or :: for every"),
+        ("listen: {port: 0}", "listen.port: 0 is not a TCP port"),
+        ("listen: {port: 65536}", "listen.port: 65536 is not a TCP port"),
+        ("appservice: {listen: {host: ' '}}", "appservice.listen.host: must not be empty"),
+        ("appservice: {listen: {port: 0}}", "appservice.listen.port: 0 is not a TCP port"),
+        ("appservice: {listen: {port: 99999}}", "appservice.listen.port: 99999 is not a TCP"),
+    ],
+)
+def test_listener_addresses_that_cannot_be_bound_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    assert _refused(text, tmp_path).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        ("max_connections: 0", "database.max_connections: must be at least 1"),
+        ("min_connections: -1", "database.min_connections: must be between 0 and"),
+        (
+            "min_connections: 5, max_connections: 2",
+            "database.min_connections: must be between 0 and max_connections (2)",
+        ),
+    ],
+)
+def test_database_pool_sizes_the_driver_refuses_are_config_errors(
+    tmp_path: Path, pool: str, message: str
+) -> None:
+    # asyncpg would refuse them with a ValueError, a traceback.
+    url = "postgres://postgres@127.0.0.1:5432/identity"
+    assert _refused(f"database: {{url: '{url}', {pool}}}", tmp_path).startswith(message)
+    accepted = load_config_text(
+        f"database: {{url: '{url}', min_connections: 0, max_connections: 1}}", tmp_path, {}
+    )
+    assert accepted.database.max_connections == 1
 
 
 @pytest.mark.parametrize(
