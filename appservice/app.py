@@ -28,7 +28,7 @@ from appservice.api import (
     validation,
 )
 from appservice.api.context import ApiContext
-from appservice.api.http import RedactingAccessLogger, matrix_middleware
+from appservice.api.http import SERVER_LOG, RedactingAccessLogger, matrix_middleware
 from appservice.clock import Clock
 from appservice.config import Config
 from appservice.crypto.signing import KeyRing
@@ -460,7 +460,10 @@ class IdentityServer:
     async def serve(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
         """Start listening; returns the bound address (port 0 picks a free port)."""
         self._runner = web.AppRunner(
-            self.public_app(), access_log_class=RedactingAccessLogger, handle_signals=False
+            self.public_app(),
+            access_log_class=RedactingAccessLogger,
+            logger=SERVER_LOG,
+            handle_signals=False,
         )
         await self._runner.setup()
         # Given explicitly, the address comes from --listen.

@@ -14,6 +14,7 @@ from urllib.parse import unquote_plus
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from appservice.errors import MatrixError, bad_json, invalid_param, missing_params
 
@@ -110,11 +111,31 @@ async def matrix_middleware(request: web.Request, handler: Handler) -> web.Strea
             else:  # a redirect, which aiohttp sends from the exception itself
                 e.headers.update(CORS_HEADERS)
                 raise
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
+        except web.RequestPayloadError as e:
+            # A body aiohttp could not decode (broken chunks, bad gzip): the client's doing.
+            log.warning(
+                "malformed HTTP request body from %s: %s", request.remote, _parse_error_reason(e)
+            )
+            response = error_response(MatrixError(400, "M_UNKNOWN", "Malformed request body"))
+        except Exception as e:
+            if isinstance(e, ConnectionResetError) and _client_gone(request):
+                # The client left mid-request (a body cut short): nothing to answer or fix.
+                log.info(
+                    "%s closed the connection during %s %s",
+                    request.remote,
+                    request.method,
+                    request.path,
+                )
+            else:
+                log.exception("unhandled error in %s %s", request.method, request.path)
             response = error_response(MatrixError(500, "M_UNKNOWN", "Internal server error"))
     response.headers.update(CORS_HEADERS)
     return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -229,6 +250,47 @@ def redact_query(path_qs: str) -> str:
         if equals and _is_secret_name(name):
             parts[i] = f"{name}=<redacted>"
     return f"{path}?{''.join(parts)}"
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Turns aiohttp's record of a request it could not parse (an ERROR with a traceback, which
+    anyone can cause at will) into one WARNING line with the peer and the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError) and record.levelno > logging.WARNING:
+            # aiohttp reading past a body it could not decode: the request was answered and
+            # reported already (here or by matrix_middleware).
+            return False
+        if isinstance(exc, HttpProcessingError) and record.levelno > logging.WARNING:
+            # aiohttp logs "Error handling request from %s" with the peer as the only argument.
+            args = record.args if isinstance(record.args, tuple) else ()
+            peer = args[0] if len(args) == 1 else "an unknown peer"
+            record.msg = "malformed HTTP request from %s: %s"
+            record.args = (peer, _parse_error_reason(exc))
+            record.levelno, record.levelname = (
+                logging.WARNING,
+                logging.getLevelName(logging.WARNING),
+            )
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _parse_error_reason(exc: Exception) -> str:
+    # aiohttp's message spans lines: the reason, the offending line as a bytes repr (printable
+    # ASCII already), a caret under the bad character.
+    if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__
+    message = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+    lines = [line.strip() for line in str(message).splitlines()]
+    text = " ".join(line for line in lines if line and line.strip("^ ")) or type(exc).__name__
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+# The aiohttp server logger of our listeners (pass as ``logger=`` to ``web.AppRunner``).
+SERVER_LOG = logging.getLogger(f"{__name__}.server")
+SERVER_LOG.addFilter(MalformedRequestFilter())
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

@@ -22,6 +22,7 @@ from mautrix.appservice.state_store import ASStateStore
 from mautrix.types import UserID
 
 from appservice.api.http import (
+    SERVER_LOG,
     Handler,
     RedactingAccessLogger,
     json_body,
@@ -86,7 +87,10 @@ class IdentityAppService(AppService):
             default_retry_count=self.default_http_retry_count,
         ).bot_intent()
         self.runner = web.AppRunner(
-            self.app, access_log_class=RedactingAccessLogger, handle_signals=False
+            self.app,
+            access_log_class=RedactingAccessLogger,
+            logger=SERVER_LOG,
+            handle_signals=False,
         )
         await self.runner.setup()
         await web.TCPSite(self.runner, host, port).start()

@@ -3,6 +3,7 @@ however they are encoded, malformed HTTP logged as one warning line."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -108,3 +109,118 @@ async def test_validation_pages_forbid_scripts_frames_and_referrers(api: Api) ->
         # loaded, no script, no style attribute.
         assert page.count("<style>") == 1
         assert not re.search(r"<script|<link|<img|<iframe|<form|\sstyle=|\ssrc=|\shref=", page)
+
+
+async def _send_raw(host: str, port: int, *requests: bytes) -> bytes:
+    """Send each request on one connection, the next once the previous one is answered; the
+    last answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for request in requests[:-1]:
+            writer.write(request)
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(
+                b"HTTP/1.1 200 "
+            )
+            # The body of the answer (GET /health: a small JSON object).
+            await asyncio.wait_for(reader.readuntil(b"}}"), 10)
+        writer.write(requests[-1])
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (b"GARBAGE\r\n\r\n", "Invalid method encountered: b'GARBAGE'"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", "Invalid header token:"),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "Invalid character in Content-Length: b'Content-Length: -1'",
+        ),
+        (b"GET /\x01 HTTP/1.1\r\n\r\n", "Invalid char in url path: b'GET /\\x01 HTTP/1.1'"),
+        (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", "Got more than"),
+    ],
+)
+async def test_malformed_request_is_one_warning_line_with_peer_and_reason(
+    api: Api, caplog: pytest.LogCaptureFixture, request_bytes: bytes, reason: str
+) -> None:
+    host, port = await api.server.serve("127.0.0.1", 0)
+    # As a connection's first request and after a good one (aiohttp treats them apart).
+    for requests in ((request_bytes,), (HEALTH, request_bytes)):
+        caplog.clear()
+        answer = await _send_raw(host, port, *requests)
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        if requests == (b"GARBAGE\r\n\r\n",):
+            # aiohttp logs a first request that is not HTTP at all at DEBUG only.
+            assert records == []
+            continue
+        [record] = records
+        assert record.levelno == logging.WARNING
+        assert record.exc_info is None and record.exc_text is None
+        message = record.getMessage()
+        assert message.startswith("malformed HTTP request from 127.0.0.1: ")
+        assert reason in message
+        assert "\n" not in message and len(message) < 300
+        assert caplog.text.count("\n") == 1  # no traceback either
+
+
+REGISTER_HEAD = b"POST /_matrix/identity/v2/account/register HTTP/1.1\r\nHost: x\r\n"
+
+
+async def test_undecodable_body_is_400_and_one_warning_line(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = await api.server.serve("127.0.0.1", 0)
+    answer = await _send_raw(
+        host,
+        port,
+        REGISTER_HEAD
+        + b"Connection: close\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nabcde",
+    )
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b'{"errcode":"M_UNKNOWN","error":"Malformed request body"}')
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == (
+        "malformed HTTP request body from 127.0.0.1: Can not decode content-encoding: gzip"
+    )
+
+
+async def test_client_leaving_mid_body_is_one_info_line(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="appservice.api.http")
+    host, port = await api.server.serve("127.0.0.1", 0)
+    for cut in (
+        b"Content-Length: 100\r\n\r\n{",
+        # A broken chunk after a good one: aiohttp stops the body there and waits.
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\n{ }\r\n",
+    ):
+        caplog.clear()
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(REGISTER_HEAD + cut)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is reading the body
+        if b"chunked" in cut:
+            writer.write(b"zz\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.02)
+        [record] = [r for r in caplog.records if r.name != "aiohttp.access"]
+        assert (record.levelno, record.exc_info) == (logging.INFO, None)
+        assert record.getMessage() == (
+            "127.0.0.1 closed the connection during POST /_matrix/identity/v2/account/register"
+        )
