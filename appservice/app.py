@@ -137,13 +137,18 @@ class IdentityServer:
         # Loaded (or, on a fresh deployment, created) by open(), checked against the database.
         self.keyring = KeyRing(Path(config.keys.signing_key_path))
         fed = config.federation
-        self.federation = FederationClient(
-            overrides=fed.overrides,
-            allowed_networks=fed.allowed_networks,
-            ca_file=fed.ca_file,
-            verify_tls=fed.verify_tls,
-            timeout_s=float(fed.timeout),
-        )
+        try:
+            self.federation = FederationClient(
+                overrides=fed.overrides,
+                allowed_networks=fed.allowed_networks,
+                ca_file=fed.ca_file,
+                verify_tls=fed.verify_tls,
+                timeout_s=float(fed.timeout),
+            )
+        except OSError as e:  # ssl.SSLError too: a file without a PEM certificate
+            raise StartupError(
+                f"federation.ca_file: cannot load {fed.ca_file}: {e.strerror or e}"
+            ) from None
         self.bindings = BindingStore(self.db)
         self.stores = build_identity_stores(config)
         if self.stores.live and "none" not in config.lookup.algorithms:

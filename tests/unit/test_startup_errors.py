@@ -160,6 +160,19 @@ def test_a_tls_cert_that_is_not_pem_is_one_line_naming_the_path_and_setting(
     assert error == f"error: listen.tls_cert: {der} is not a PEM certificate"
 
 
+@pytest.mark.parametrize("problem", ["missing", "not PEM"])
+def test_an_unusable_federation_ca_file_is_one_line_naming_the_path_and_setting(
+    tmp_path: Path, problem: str
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    if problem == "not PEM":
+        ca_file.write_text("not a certificate")
+    error = _the_error(_run(_write_config(tmp_path, f"federation: {{ca_file: '{ca_file}'}}\n")))
+    assert error.startswith(f"error: federation.ca_file: cannot load {ca_file}: ")
+    if problem == "missing":
+        assert error.endswith(": No such file or directory")
+
+
 def test_an_unusable_ldap_ca_file_is_one_line_naming_the_path_and_setting(tmp_path: Path) -> None:
     missing = tmp_path / "ldap-ca.pem"
     ldap = (
