@@ -149,6 +149,8 @@ def _prepare_sqlite_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        if not path.is_file():
+            raise DatabaseError(f"database.url: {path} is not a file") from None
         for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             _tighten(file)
     except OSError as e:

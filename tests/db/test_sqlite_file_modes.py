@@ -111,3 +111,15 @@ async def test_a_database_path_that_cannot_be_created_is_a_database_error(
     db = AppDatabase(f"sqlite:{tmp_path / 'data' / 'db' / 'identity.db'}")
     with pytest.raises(DatabaseError, match=r"database\.url: cannot create the directory of"):
         await db.start()
+
+
+async def test_a_database_path_that_is_a_directory_is_refused_and_left_alone(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    db = AppDatabase(f"sqlite:{directory}")
+    with pytest.raises(DatabaseError, match=r"database\.url: .* is not a file"):
+        await db.start()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755
