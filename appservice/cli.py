@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +31,7 @@ from appservice.matrix.registration import (
     set_config_tokens,
     write_registration,
 )
+from appservice.private_files import write_private_file
 from appservice.resources import EXAMPLE_CONFIG
 from appservice.services.keys import KeyService, ListedKey, list_keys
 
@@ -118,7 +118,7 @@ def _generate_registration(config_path: Path, registration_path: Path) -> int:
     config = load_config(config_path)
     if not config.appservice.enabled:
         text = set_config_tokens(config_path.read_text(encoding="utf-8"), new_token(), new_token())
-        _write_private(config_path, text)
+        write_private_file(config_path, text)
         config = load_config(config_path)
         print(f"created appservice tokens and saved them in {config_path}")
     write_registration(registration_path, build_registration(config.appservice))
@@ -165,21 +165,9 @@ def _add_invites_parser(commands: Any) -> None:
         _with_config(action)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Replace ``path`` atomically with ``text``, readable only by its owner (configs hold
-    secrets: tokens, passwords)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_example_config(path: Path) -> None:
     """Write the documented example config to ``path`` (mode 0600)."""
-    _write_private(path, EXAMPLE_CONFIG.read_text(encoding="utf-8"))
+    write_private_file(path, EXAMPLE_CONFIG.read_text(encoding="utf-8"))
 
 
 def _setup_logging(config: Config | None) -> None:

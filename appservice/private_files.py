@@ -25,3 +25,16 @@ def make_private_dirs(directory: Path) -> None:
         except FileExistsError:
             continue
         os.chmod(path, 0o700)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable only by its owner (0600); the
+    directories made for it are 0700."""
+    make_private_dirs(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A temporary file left by an earlier crash keeps its mode through O_CREAT: set it.
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -7,7 +7,6 @@ the appservice claims no one else.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from appservice.config import AppserviceConfig, ConfigError
+from appservice.private_files import write_private_file
 
 _TOP_LEVEL_KEY = re.compile(r"^[A-Za-z_][\w-]*\s*:")
 # The block form of the section (``appservice:``, maybe with a comment), which can be edited.
@@ -54,19 +54,12 @@ def build_registration(config: AppserviceConfig) -> dict[str, Any]:
 
 def write_registration(path: Path, registration: dict[str, Any]) -> None:
     """Write the registration YAML, readable only by its owner (it holds both tokens)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         "# Application service registration for the homeserver, written by\n"
         "# `python -m appservice generate-registration`. Synapse: list this file in\n"
         "# app_service_config_files. It holds secrets: keep it private.\n"
     ) + yaml.safe_dump(registration, sort_keys=False, allow_unicode=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    # A temporary file left by an earlier crash keeps its mode through O_CREAT: set it.
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_private_file(path, text)
 
 
 def new_token() -> str:

@@ -309,7 +309,7 @@ def test_run_refuses_the_placeholder_tokens_with_a_one_line_error(tmp_path: Path
         timeout=30,
         env={**env, "PYTHONPATH": str(REPO)},
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("config error: appservice.as_token:")
     assert "generate-registration" in result.stderr

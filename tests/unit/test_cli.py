@@ -200,3 +200,20 @@ async def test_keys_rotate_keeps_old_keys_valid_and_revoke_invalidates_one(
     shown = _cli("keys", "show", "-c", str(path))
     assert "ed25519:1" in shown.stdout and "(current)" in shown.stdout
     assert f"ed25519:0 {old.public_key} revoked" in shown.stdout
+
+
+def test_generated_config_and_registration_are_private_in_private_directories(
+    tmp_path: Path,
+) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        config = tmp_path / "etc" / "identity" / "config.yaml"
+        assert main(["generate-config", "-c", str(config)]) == 0
+        registration = tmp_path / "reg" / "registration.yaml"
+        assert main(["generate-registration", "-c", str(config), "-r", str(registration)]) == 0
+    finally:
+        os.umask(old_umask)
+    for path in (config, registration):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for directory in (tmp_path / "etc", tmp_path / "etc" / "identity", tmp_path / "reg"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
