@@ -4,6 +4,7 @@ what the operator allows), and next_link input checks."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,10 +13,9 @@ from tests.api.test_validation import EMAIL_REQUEST, EMAIL_SUBMIT, link_from_mai
 from tests.support.api_server import Api
 
 
-async def redirect_after_validation(api: Api, next_link: str) -> str | None:
-    """Validate a fresh session with ``next_link`` by its email link; where it redirects."""
-    _, token = await api.register()
-    status, body = await api.request(
+async def request_with_next_link(api: Api, token: str, next_link: str) -> tuple[int, Any]:
+    """requestToken for a new email session with ``next_link``."""
+    return await api.request(
         "POST",
         EMAIL_REQUEST,
         token=token,
@@ -26,10 +26,17 @@ async def redirect_after_validation(api: Api, next_link: str) -> str | None:
             "next_link": next_link,
         },
     )
+
+
+async def redirect_after_validation(api: Api, next_link: str) -> str | None:
+    """Validate a fresh session with ``next_link`` by its email link; where it redirects."""
+    _, token = await api.register()
+    status, body = await request_with_next_link(api, token, next_link)
     assert status == 200, body
     await api.smtp.wait_for(1)
     link = link_from_mail(api)
     async with api.client.get(EMAIL_SUBMIT, params=link, allow_redirects=False) as resp:
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"  # on every response
         if resp.status == 302:
             return resp.headers["Location"]
         assert resp.status == 200
@@ -100,17 +107,7 @@ class TestDefault:
         self, api: Api, next_link: str
     ) -> None:
         _, token = await api.register()
-        status, body = await api.request(
-            "POST",
-            EMAIL_REQUEST,
-            token=token,
-            json={
-                "client_secret": "s3cret",
-                "email": "a@example.com",
-                "send_attempt": 1,
-                "next_link": next_link,
-            },
-        )
+        status, body = await request_with_next_link(api, token, next_link)
         assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
         assert api.smtp.mails == []
 
