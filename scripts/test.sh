@@ -10,6 +10,7 @@ scripts/bootstrap.sh test
 scripts/ensure-postgres.sh
 scripts/ensure-chromium.sh
 scripts/ensure-slapd.sh
+scripts/ensure-systemd-analyze.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
