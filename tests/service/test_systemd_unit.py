@@ -96,7 +96,7 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
         "KillSignal=SIGTERM",
     ):
         assert f"\n{setting}\n" in text, setting
-    # systemd's own score: 0 (locked down) to 10 (unprotected); this unit scores 1.3 ("OK").
+    # systemd's own score: 0 (locked down) to 10 (unprotected); this unit scores 1.1 ("OK").
     # --threshold is in tenths: anything above 2.0 fails.
     result = _analyze(
         "security", "--offline=yes", f"--root={_root(tmp_path, text)}", "--threshold=20", UNIT.name
