@@ -49,9 +49,15 @@ def base_image() -> str:
     tarball = debian_rootfs.rootfs_tarball()
     info = tarball.stat()
     digest = hashlib.sha256(f"{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:12]
-    tag = f"localhost/matrix-identity-appservice-base:bookworm-minbase-{digest}"
+    repository = "localhost/matrix-identity-appservice-base"
+    tag = f"{repository}:bookworm-minbase-{digest}"
     if _podman("image", "exists", tag).returncode != 0:
         _ok("import", str(tarball), tag, timeout=300)
+        # A rebuilt tarball (a clean checkout) replaces the base imported from the previous one.
+        listed = _ok("images", "--format", "{{.Repository}}:{{.Tag}}", repository).split()
+        for old in listed:
+            if old != tag:
+                _podman("rmi", old)
     return tag
 
 
