@@ -96,9 +96,9 @@ def _get(url: str) -> tuple[int, dict[str, object]]:
 
 def test_install_script_in_a_fresh_debian_then_serve_as_the_service_user(tmp_path: Path) -> None:
     root = tmp_path / "root"
+    view = tmp_path / "view"
     debian_rootfs.unpack(root)
     copy_source_tree(root / SRC.lstrip("/"))
-    proc: subprocess.Popen[str] | None = None
     try:
         with debian_rootfs.mounted(root):
             out = _install(root)
@@ -119,45 +119,53 @@ def test_install_script_in_a_fresh_debian_then_serve_as_the_service_user(tmp_pat
             assert f"wrote {CONFIG}" not in _install(root, f"{wheels}/{wheel.name}")
             assert (root / CONFIG.lstrip("/")).read_text() == config_text
 
-            # As the unit runs it: the service user, the config in /etc, state in /var/lib.
-            port = _free_port()
-            command = [EXEC, "run", "-c", CONFIG, "--listen", f"127.0.0.1:{port}"]
-            proc = subprocess.Popen(
-                ["chroot", f"--userspec={USER}:{USER}", str(root), *command],
-                env=debian_rootfs.chroot_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            base = f"http://127.0.0.1:{port}/_matrix/identity/v2"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    status, body = _get(base)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        proc.kill()
-                        output = proc.communicate()[0]
-                        debian_rootfs.xfail_if_package_lacks_its_files(output)
-                        pytest.fail(f"server did not answer:\n{output}")
-                    time.sleep(0.2)
-            assert (status, body) == (200, {})
-            status, key = _get(f"{base}/pubkey/ed25519:0")
-            assert status == 200 and isinstance(key.get("public_key"), str)
-            for name in ("signing.key", "identity.db"):
-                info = (root / STATE.lstrip("/") / name).stat()
-                assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (uid, 0o600), name
-
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            output, _ = proc.communicate(timeout=STOP_WITHIN + 10)
-            took = time.monotonic() - started
-            assert proc.returncode == 0, output
-            assert "Traceback" not in output
-            assert took < STOP_WITHIN, f"stopping took {took:.1f} s"
+        # As the unit runs it: the service user, and the file system as ProtectSystem=strict,
+        # StateDirectory= and PrivateTmp= show it (all read-only but /var/lib/<name>, a new /tmp).
+        with debian_rootfs.strict_view(root, view, STATE):
+            _serve_probe_and_stop(view)
+        for name in ("signing.key", "identity.db"):
+            info = (root / STATE.lstrip("/") / name).stat()
+            assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (uid, 0o600), name
     finally:
-        if proc is not None and proc.poll() is None:
+        debian_rootfs.remove(root, view)
+
+
+def _serve_probe_and_stop(root: Path) -> None:
+    port = _free_port()
+    command = [EXEC, "run", "-c", CONFIG, "--listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(
+        ["chroot", f"--userspec={USER}:{USER}", str(root), *command],
+        env=debian_rootfs.chroot_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/_matrix/identity/v2"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, body = _get(base)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    output = proc.communicate()[0]
+                    debian_rootfs.xfail_if_package_lacks_its_files(output)
+                    pytest.fail(f"server did not answer:\n{output}")
+                time.sleep(0.2)
+        assert (status, body) == (200, {})
+        status, key = _get(f"{base}/pubkey/ed25519:0")
+        assert status == 200 and isinstance(key.get("public_key"), str)
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=STOP_WITHIN + 10)
+        took = time.monotonic() - started
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output
+        assert took < STOP_WITHIN, f"stopping took {took:.1f} s"
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        debian_rootfs.remove(root)

@@ -113,19 +113,17 @@ def chroot_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def mounted(root: Path) -> Iterator[Path]:
-    """/proc, /dev and a private /dev/pts (apt wants one) mounted in ``root`` while the block
-    runs; unmounted however it ends."""
+def _mounts(steps: list[tuple[list[str], Path]]) -> Iterator[None]:
+    """``mount ARGS TARGET`` for each step in order; each mount made is undone, in reverse,
+    however the block ends. A step whose ARGS start with ``-o remount`` changes the mount before
+    it and is not undone on its own."""
     mounts: list[Path] = []
     try:
-        for args, target in (
-            (["-t", "proc", "proc"], root / "proc"),
-            (["--bind", "/dev"], root / "dev"),
-            (["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts"], root / "dev/pts"),
-        ):
+        for args, target in steps:
             subprocess.run(["mount", *args, str(target)], check=True, timeout=30)
-            mounts.append(target)
-        yield root
+            if not (args[0] == "-o" and args[1].startswith("remount")):
+                mounts.append(target)
+        yield
     finally:
         for target in reversed(mounts):
             if subprocess.run(["umount", str(target)], timeout=30).returncode != 0:
@@ -133,13 +131,50 @@ def mounted(root: Path) -> Iterator[Path]:
                 subprocess.run(["umount", "--lazy", str(target)], timeout=30)
 
 
-def remove(root: Path) -> None:
-    """Delete an unpacked root, refusing while anything is still mounted inside it."""
+def _system_mounts(root: Path) -> list[tuple[list[str], Path]]:
+    return [
+        (["-t", "proc", "proc"], root / "proc"),
+        (["--bind", "/dev"], root / "dev"),
+        (["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts"], root / "dev/pts"),
+    ]
+
+
+@contextlib.contextmanager
+def mounted(root: Path) -> Iterator[Path]:
+    """/proc, /dev and a private /dev/pts (apt wants one) mounted in ``root`` while the block
+    runs; unmounted however it ends."""
+    with _mounts(_system_mounts(root)):
+        yield root
+
+
+@contextlib.contextmanager
+def strict_view(root: Path, view: Path, writable: str) -> Iterator[Path]:
+    """``root`` as systemd's ProtectSystem=strict + StateDirectory= + PrivateTmp= show it to a
+    service: at ``view``, everything read-only but the directory ``writable`` (inside the root)
+    and a fresh /tmp; with /proc and /dev. Chroot into the view returned."""
+    view.mkdir()
+    with _mounts(
+        [
+            (["--bind", str(root)], view),
+            (["-o", "remount,bind,ro"], view),
+            (["--bind", str(root / writable.lstrip("/"))], view / writable.lstrip("/")),
+            (["-t", "tmpfs", "-o", "mode=1777", "tmpfs"], view / "tmp"),
+            *_system_mounts(view),
+        ]
+    ):
+        yield view
+
+
+def remove(*roots: Path) -> None:
+    """Delete unpacked roots (and views), refusing while anything is still mounted in them."""
     with open("/proc/self/mounts") as f:
-        inside = [line.split()[1] for line in f if line.split()[1].startswith(f"{root}/")]
-    if inside:
-        raise RuntimeError(f"still mounted in {root}: {inside}")
-    shutil.rmtree(root, ignore_errors=True)
+        targets = [line.split()[1] for line in f]
+    for root in roots:
+        inside = [t for t in targets if t == str(root) or t.startswith(f"{root}/")]
+        if inside:
+            raise RuntimeError(f"still mounted in {root}: {inside}")
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def xfail_if_package_lacks_its_files(output: str) -> None:
