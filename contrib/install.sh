@@ -86,7 +86,7 @@ if [ "$WRITE_CONFIG" = 1 ] && [ ! -e "$CONFIG" ]; then
   # The config directory is read-only for the service (ProtectSystem=strict): the database
   # and the key go to the state directory. Replace the whole values, whatever the defaults are.
   sed -i \
-    -e "s|^\(  url: \)\"sqlite:.*\"\$|\1\"sqlite:$STATE_DIR/identity.db\"|" \
+    -e "s|^\(  url: \)[\"']\{0,1\}sqlite:.*\$|\1\"sqlite:$STATE_DIR/identity.db\"|" \
     -e "s|^\(  signing_key_path: \).*\$|\1\"$STATE_DIR/signing.key\"|" \
     "$CONFIG"
   grep -q "^  url: \"sqlite:$STATE_DIR/identity.db\"\$" "$CONFIG" &&
