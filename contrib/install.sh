@@ -89,9 +89,11 @@ if [ "$WRITE_CONFIG" = 1 ] && [ ! -e "$CONFIG" ]; then
     -e "s|^\(  url: \)[\"']\{0,1\}sqlite:.*\$|\1\"sqlite:$STATE_DIR/identity.db\"|" \
     -e "s|^\(  signing_key_path: \).*\$|\1\"$STATE_DIR/signing.key\"|" \
     "$CONFIG"
-  grep -q "^  url: \"sqlite:$STATE_DIR/identity.db\"\$" "$CONFIG" &&
-    grep -q "^  signing_key_path: \"$STATE_DIR/signing.key\"\$" "$CONFIG" ||
+  if ! grep -q "^  url: \"sqlite:$STATE_DIR/identity.db\"\$" "$CONFIG" ||
+    ! grep -q "^  signing_key_path: \"$STATE_DIR/signing.key\"\$" "$CONFIG"; then
+    rm -f "$CONFIG"  # not left half-made: the next run writes it again
     die "could not point database.url and keys.signing_key_path in $CONFIG at $STATE_DIR"
+  fi
   chown "root:$SERVICE_USER" "$CONFIG"
   chmod 0640 "$CONFIG"
   say "wrote $CONFIG (edit it, then start the service)"
