@@ -28,7 +28,12 @@ from appservice.api import (
     validation,
 )
 from appservice.api.context import ApiContext
-from appservice.api.http import SERVER_LOG, RedactingAccessLogger, matrix_middleware
+from appservice.api.http import (
+    SERVER_LOG,
+    RedactingAccessLogger,
+    RequestTracker,
+    matrix_middleware,
+)
 from appservice.clock import Clock
 from appservice.config import Config
 from appservice.crypto.signing import KeyRing
@@ -37,6 +42,7 @@ from appservice.db.appservice import AppserviceStore
 from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
 from appservice.db.invites import InviteStore
+from appservice.db.outbox import PENDING as OUTBOX_PENDING
 from appservice.db.outbox import OutboxStore
 from appservice.db.ratelimits import RateLimitStore
 from appservice.db.server_state import ServerStateStore
@@ -58,6 +64,7 @@ from appservice.services.accounts import AccountService, OpenIdVerifier
 from appservice.services.bindings import BindingService
 from appservice.services.delivery import OnbindDelivery
 from appservice.services.expired_invites import ExpiredInviteService
+from appservice.services.health import HealthCheck
 from appservice.services.invite_policy import InvitePolicyService
 from appservice.services.invites import InviteService
 from appservice.services.keys import KeyService
@@ -276,6 +283,9 @@ class IdentityServer:
         )
         self.matrix: IdentityAppService | None = None
         self.appservice_status: dict[str, Any] = {"enabled": config.appservice.enabled}
+        self.health_check = HealthCheck(self.db, self.appservice_status)
+        # Request ids and the requests in flight of the public listener.
+        self.requests = RequestTracker()
         self.actions_job: PeriodicJob | None = None
         self.registration_job: PeriodicJob | None = None
         self.key_fetcher = ServerKeyFetcher(self.federation, self.clock.time)
@@ -307,10 +317,12 @@ class IdentityServer:
         ]
         self._runner: web.AppRunner | None = None
         self._tls: ssl.SSLContext | None = None
+        self._db_open = False
 
     async def open(self) -> None:
         """Connect, migrate and load shared state, without serving or background jobs."""
         await self.db.start()
+        self._db_open = True
         applied = await self.db.migrate()
         if applied:
             log.info("database migrated to version %d", applied[-1])
@@ -337,21 +349,47 @@ class IdentityServer:
             job.start()
 
     async def stop(self) -> None:
-        """Stop serving and close every connection."""
+        """Stop serving and close every connection; logs what it finished and what is left."""
+        summary: list[str] = []
         if self._runner is not None:
+            in_flight, cancelled = self.requests.in_flight, self.requests.cancelled
             await self._runner.cleanup()
             self._runner = None
+            cut_off = self.requests.cancelled - cancelled
+            summary.append(
+                f"{in_flight - cut_off} request(s) in flight finished"
+                + (f", {cut_off} cut off" if cut_off else "")
+            )
+        stopped: list[str] = []
         for job in self.jobs:
-            await job.stop()
+            if job.running:
+                finished = await job.stop()
+                stopped.append(job.name if finished else f"{job.name} (cancelled mid-run)")
+        if stopped:
+            summary.append(f"background jobs stopped: {', '.join(stopped)}")
         if self.matrix is not None:
             await self.matrix.stop()
             self.matrix = None
+            summary.append("appservice listener stopped")
+        if self._db_open:  # count what the next start (of any instance) will deliver
+            summary.append(await self._onbind_left())
+            self._db_open = False
         await self.email.close()
         await self.sms.close()
         await self.federation.close()
         await self.invite_policy.close()
         await self.stores.close()
         await self.db.stop()
+        if summary:
+            log.info("stopped: %s", "; ".join(summary))
+
+    async def _onbind_left(self) -> str:
+        try:
+            counts = await asyncio.wait_for(OutboxStore(self.db).count_by_state(), 5.0)
+        except Exception as e:  # stopping anyway: say what could not be counted
+            return f"onbind notifications not counted ({type(e).__name__}: {e})"
+        pending = counts.get(OUTBOX_PENDING, 0)
+        return f"{pending} onbind notification(s) still pending for the next start"
 
     async def _start_appservice(self) -> None:
         """Start the private appservice listener, its action worker and user registration."""
@@ -408,22 +446,14 @@ class IdentityServer:
         log.info("appservice: users registered; homeserver ping round trip %d ms", duration_ms)
 
     async def health(self) -> dict[str, Any]:
-        """What ``/health`` reports."""
-        try:
-            await self.db.fetchval("SELECT 1")
-        except Exception as e:  # any database failure means unhealthy, whatever its type
-            log.warning("health check: database unavailable: %s", e)
-            return {
-                "status": "unavailable",
-                "database": "unavailable",
-                "appservice": self.appservice_status,
-            }
-        return {"status": "ok", "database": "ok", "appservice": self.appservice_status}
+        """What ``/health`` and ``/health/ready`` report (see :class:`HealthCheck`)."""
+        return await self.health_check.readiness()
 
     def public_app(self) -> web.Application:
         """The Identity Service API web application."""
         app = web.Application(
-            middlewares=[matrix_middleware], client_max_size=self.config.listen.max_body_bytes
+            middlewares=[self.requests.middleware, matrix_middleware],
+            client_max_size=self.config.listen.max_body_bytes,
         )
         ctx = ApiContext(
             accounts=self.accounts,

@@ -25,6 +25,7 @@ from appservice.db.outbox import PENDING as QUEUED
 from appservice.db.signing_keys import SigningKeyStore, StoredSigningKey
 from appservice.errors import StartupError
 from appservice.identity_stores import StoreError
+from appservice.logs import setup_logging
 from appservice.matrix.registration import (
     build_registration,
     new_token,
@@ -171,10 +172,7 @@ def write_example_config(path: Path) -> None:
 
 
 def _setup_logging(config: Config | None) -> None:
-    level = config.logging.level.upper() if config else "INFO"
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    setup_logging(config.logging if config else None)
 
 
 async def _run(config: Config, listen: tuple[str, int] | None) -> None:

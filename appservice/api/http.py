@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -17,6 +18,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from appservice.errors import MatrixError, bad_json, invalid_param, missing_params
+from appservice.logs import REQUEST_ID, install_record_factory, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -294,18 +296,85 @@ SERVER_LOG.addFilter(MalformedRequestFilter())
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
-    """One line per request, with secrets in the query string replaced."""
+    """One line per request, with secrets in the query string replaced; the request's id, route
+    template, method, status and duration go as fields too (for JSON lines)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = redact_query(request.path_qs)
-        self.logger.info(
-            "%s %s %s %d %.1fms",
-            request.remote,
-            request.method,
-            path,
-            response.status,
-            time * 1000,
-        )
+        duration_ms = round(time * 1000, 1)
+        request_id = request.get(REQUEST_ID_KEY)
+        token = REQUEST_ID.set(request_id) if request_id else None
+        try:
+            self.logger.info(
+                "%s %s %s %d %.1fms",
+                request.remote,
+                request.method,
+                path,
+                response.status,
+                duration_ms,
+                extra={
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": path,
+                    "route": route_template(request),
+                    "status": response.status,
+                    "duration_ms": duration_ms,
+                },
+            )
+        finally:
+            if token is not None:
+                REQUEST_ID.reset(token)
+
+
+def route_template(request: web.BaseRequest) -> str | None:
+    """The matched route's path template (``/_matrix/identity/v2/pubkey/{keyId}``), None when
+    no route matched: the same for every request of an endpoint, without its parameters."""
+    try:
+        match_info = getattr(request, "match_info", None)
+    except AssertionError:  # aiohttp's own answer to a request it could not parse: no routing
+        return None
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    if resource is None:
+        return None
+    return str(resource.canonical)
+
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+
+class RequestTracker:
+    """Gives each request an id, in the log context of its handling and the ``X-Request-ID``
+    response header, and counts the requests in flight (what a shutdown waits for)."""
+
+    def __init__(self) -> None:
+        install_record_factory()  # every log record carries the id of its request
+        self.in_flight = 0
+        # Handlers cancelled (a client gone, or a shutdown that stopped waiting).
+        self.cancelled = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The outermost middleware of a web app."""
+        request_id = new_request_id()
+        # aiohttp runs each request in a task of its own (a copy of the context), so the id
+        # stays with this request, its access log line included, and is gone after it.
+        REQUEST_ID.set(request_id)
+        request[REQUEST_ID_KEY] = request_id
+        self.in_flight += 1
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except web.HTTPException as e:  # a redirect, sent from the exception itself
+            e.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        finally:
+            self.in_flight -= 1
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
 
 
 def client_ip(request: web.Request, trusted_proxies: Sequence[IPNetwork]) -> str:

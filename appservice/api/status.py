@@ -1,4 +1,5 @@
-"""Discovery and health: ``/_matrix/identity/versions``, ``/_matrix/identity/v2``, ``/health``."""
+"""Discovery and health: ``/_matrix/identity/versions``, ``/_matrix/identity/v2``, ``/health``
+(readiness, as ``/health/ready``) and ``/health/live``."""
 
 from __future__ import annotations
 
@@ -22,10 +23,18 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
     async def v2_status(_request: web.Request) -> web.Response:
         return json_response({})
 
-    async def health(_request: web.Request) -> web.Response:
+    async def ready(_request: web.Request) -> web.Response:
         report = await ctx.health()
         return json_response(report, 200 if report.get("status") == "ok" else 503)
 
+    async def live(_request: web.Request) -> web.Response:
+        # The process is up and its loop answers: nothing else is checked, so a database outage
+        # does not get the process restarted.
+        return json_response({"status": "ok"})
+
     router.add_get("/_matrix/identity/versions", versions)
     router.add_get("/_matrix/identity/v2", v2_status)
-    router.add_get("/health", health)
+    router.add_get("/health/live", live)
+    router.add_get("/health/ready", ready)
+    # Readiness, as it always was.
+    router.add_get("/health", ready)

@@ -330,8 +330,7 @@ def _validate(config: Config) -> None:
     _validate_next_link_rules(config)
     if (config.listen.tls_cert is None) != (config.listen.tls_key is None):
         raise ConfigError("listen.tls_cert: tls_cert and tls_key must be set together")
-    if config.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f'logging.level: "{config.logging.level}" is not a log level')
+    _validate_logging(config)
     choices = {
         "notifications.email.connector": (config.notifications.email.connector, ("smtp", "log")),
         "notifications.sms.connector": (config.notifications.sms.connector, ("twilio", "log")),
@@ -403,6 +402,26 @@ def _validate(config: Config) -> None:
     for policy_id, policy in config.terms.policies.items():
         if not policy.languages:
             raise ConfigError(f"terms.policies.{policy_id}.languages: at least one language")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _validate_logging(config: Config) -> None:
+    logging_config = config.logging
+    if logging_config.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f'logging.level: "{logging_config.level}" is not a log level')
+    if logging_config.format not in ("text", "json"):
+        raise ConfigError(f'logging.format: "{logging_config.format}" is not text or json')
+    for name, level in logging_config.levels.items():
+        if not name.strip():
+            raise ConfigError("logging.levels: a logger name must not be empty")
+        if level.upper() not in LOG_LEVELS:
+            raise ConfigError(
+                f'logging.levels.{name}: "{level}" is not one of {", ".join(LOG_LEVELS)}'
+            )
+    if logging_config.config is not None and not logging_config.config.strip():
+        raise ConfigError("logging.config: must not be empty (leave it out for the built-in setup)")
 
 
 def _validate_durations(config: Config) -> None:

@@ -490,6 +490,12 @@ class LoggingConfig:
     """Logging."""
 
     level: str = "INFO"
+    # text (one readable line per event) or json (one JSON object per line).
+    format: str = "text"
+    # Levels of single loggers, e.g. {"appservice.federation": "DEBUG"}.
+    levels: dict[str, str] = field(default_factory=dict)
+    # A YAML file in Python's logging dictConfig schema that replaces the settings above.
+    config: str | None = path_field(None)
 
 
 @dataclass(frozen=True)

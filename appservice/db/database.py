@@ -434,6 +434,13 @@ class AppDatabase:
             await self.db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
         )
 
+    async def applied_migrations(self) -> set[int]:
+        """The versions recorded in ``schema_migrations`` (none for an empty database)."""
+        if not await self.has_table("schema_migrations"):
+            return set()
+        rows = await self.fetch("SELECT version FROM schema_migrations")
+        return {int(row[0]) for row in rows}
+
     async def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[int]:
         """Apply pending migrations; returns the versions applied (none when up to date)."""
         migrations = load_migrations(self.dialect, directory)

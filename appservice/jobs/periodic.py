@@ -35,24 +35,33 @@ class PeriodicJob:
         """Do the work once (for tests and commands)."""
         return await self._work()
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    @property
+    def running(self) -> bool:
+        """Whether the loop is started (and not stopped)."""
+        return self._task is not None
+
+    async def stop(self, grace_s: float = 10.0) -> bool:
         """Stop the loop: a run in progress may finish (within ``grace_s``), then it is cancelled.
 
         Letting the current run finish matters: work claimed with a lease (outbox rows, room
-        actions) would otherwise stay claimed until the lease ends.
+        actions) would otherwise stay claimed until the lease ends. Returns False when a run had
+        to be cancelled.
         """
         if self._task is None:
-            return
+            return True
         self._stopping = True
         self._wake.set()
+        finished = True
         try:
             await asyncio.wait_for(asyncio.shield(self._task), grace_s)
         except TimeoutError:
             log.warning("background job %s did not finish in %.0fs; cancelling", self.name, grace_s)
+            finished = False
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._task = None
+        return finished
 
     async def _loop(self) -> None:
         while not self._stopping:
