@@ -25,6 +25,7 @@ from appservice.api.http import (
     SERVER_LOG,
     Handler,
     RedactingAccessLogger,
+    RequestTracker,
     json_body,
     json_response,
     matrix_middleware,
@@ -65,6 +66,9 @@ class IdentityAppService(AppService):
         self._legacy_query_auth = config.legacy_query_auth
         self._expired_user_id = config.expired_user_id
         self._on_transaction = on_transaction
+        # Request ids: a transaction's lines in the log carry the id of its request.
+        self.requests = RequestTracker()
+        self.app.middlewares.append(self.requests.middleware)
         self.app.middlewares.append(matrix_middleware)
         self.app.middlewares.append(self._auth_middleware)
 

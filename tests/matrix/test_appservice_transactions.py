@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from pathlib import Path
@@ -123,6 +124,29 @@ async def test_the_hs_token_is_not_written_to_the_access_log(
     await homeserver_side.transaction("log2", [], token="wrong", query_token=hs_token + "x")
     assert "log1" in caplog.text  # the request was logged...
     assert hs_token not in caplog.text  # ...without the token
+
+
+async def test_access_log_lines_carry_a_request_id(
+    quiet: Api, homeserver_side: HomeserverSide, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert await homeserver_side.transaction("id1", []) == (200, {})
+    assert await homeserver_side.transaction("id2", []) == (200, {})
+
+    def access_ids() -> list[Any]:
+        return [
+            getattr(r, "request_id", None)
+            for r in caplog.records
+            if r.name == "aiohttp.access" and "/transactions/id" in r.getMessage()
+        ]
+
+    for _ in range(100):  # the access line is written just after the response is sent
+        if len(access_ids()) == 2:
+            break
+        await asyncio.sleep(0.01)
+    ids = access_ids()
+    assert len(ids) == 2
+    assert all(ids) and ids[0] != ids[1]
 
 
 # Malformed requests.
