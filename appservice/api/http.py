@@ -299,6 +299,12 @@ class RedactingAccessLogger(AbstractAccessLogger):
     """One line per request, with secrets in the query string replaced; the request's id, route
     template, method, status and duration go as fields too (for JSON lines)."""
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the line would be written (``logging.levels: {aiohttp.access: WARNING}``
+        turns it off): aiohttp then skips the call, and its timing, altogether."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = redact_query(request.path_qs)
         duration_ms = round(time * 1000, 1)

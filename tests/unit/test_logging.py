@@ -338,3 +338,11 @@ async def test_shutdown_logs_what_it_finished_and_what_it_left(
     assert line.startswith("stopped: 1 request(s) in flight finished; background jobs stopped: ")
     assert "onbind-delivery" in line
     assert line.endswith("; 1 onbind notification(s) still pending for the next start")
+
+
+def test_access_log_off_when_its_logger_is_above_info() -> None:
+    access = logging.getLogger("test.access.quiet")
+    access.setLevel(logging.WARNING)
+    assert not RedactingAccessLogger(access, "").enabled
+    access.setLevel(logging.INFO)
+    assert RedactingAccessLogger(access, "").enabled
