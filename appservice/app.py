@@ -353,6 +353,7 @@ class IdentityServer:
         summary: list[str] = []
         if self._runner is not None:
             in_flight, cancelled = self.requests.in_flight, self.requests.cancelled
+            log.info("stopping: no new connections; %d request(s) in flight", in_flight)
             await self._runner.cleanup()
             self._runner = None
             cut_off = self.requests.cancelled - cancelled

@@ -334,7 +334,9 @@ async def test_shutdown_logs_what_it_finished_and_what_it_left(
         response = await probe
         assert response.status == 200
         response.release()
-    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped:")]
+    messages = [r.getMessage() for r in caplog.records if r.name == "appservice.app"]
+    assert "stopping: no new connections; 1 request(s) in flight" in messages
+    (line,) = [m for m in messages if m.startswith("stopped:")]
     assert line.startswith("stopped: 1 request(s) in flight finished; background jobs stopped: ")
     assert "onbind-delivery" in line
     assert line.endswith("; 1 onbind notification(s) still pending for the next start")
