@@ -58,6 +58,7 @@ from appservice.federation.xmatrix import verify_x_matrix
 from appservice.identity_stores.factory import build_identity_stores
 from appservice.jobs.periodic import PeriodicJob
 from appservice.jobs.purge import purge_expired
+from appservice.metrics import CONTENT_TYPE_LATEST, Metrics
 from appservice.notifications.connectors import build_email_connector, build_sms_connector
 from appservice.notifications.generator import MessageGenerator
 from appservice.services.accounts import AccountService, OpenIdVerifier
@@ -284,6 +285,8 @@ class IdentityServer:
         self.matrix: IdentityAppService | None = None
         self.appservice_status: dict[str, Any] = {"enabled": config.appservice.enabled}
         self.health_check = HealthCheck(self.db, self.appservice_status)
+        # The Prometheus families of this server (a registry of its own, not the global one).
+        self.metrics = Metrics()
         # Request ids and the requests in flight of the public listener.
         self.requests = RequestTracker()
         self.actions_job: PeriodicJob | None = None
@@ -316,6 +319,7 @@ class IdentityServer:
             self.store_sync_job,
         ]
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._tls: ssl.SSLContext | None = None
         self._db_open = False
 
@@ -372,6 +376,9 @@ class IdentityServer:
             await self.matrix.stop()
             self.matrix = None
             summary.append("appservice listener stopped")
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._db_open:  # count what the next start (of any instance) will deliver
             summary.append(await self._onbind_left())
             self._db_open = False
@@ -516,6 +523,34 @@ class IdentityServer:
         log.info("identity server listening on %s://%s:%d", scheme, bound_host, bound_port)
         return str(bound_host), int(bound_port)
 
+    def metrics_app(self) -> web.Application:
+        """The private metrics web app: GET /metrics, the Prometheus text exposition."""
+
+        async def scrape(request: web.Request) -> web.Response:
+            body = self.metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", scrape)
+        return app
+
+    async def serve_metrics(self, port: int | None = None) -> tuple[str, int]:
+        """Start the metrics listener (metrics.listen); returns the bound address."""
+        listen = self.config.metrics.listen
+        port = listen.port if port is None else port
+        self._metrics_runner = web.AppRunner(self.metrics_app(), access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, listen.host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise listen_error(
+                "metrics.listen.host/metrics.listen.port", listen.host, port, e
+            ) from None
+        bound_host, bound_port = self._metrics_runner.addresses[-1][:2]
+        log.info("metrics listening on http://%s:%d/metrics", bound_host, bound_port)
+        return str(bound_host), int(bound_port)
+
 
 async def run_forever(server: IdentityServer, host: str | None, port: int | None) -> None:
     """Start, serve until cancelled (SIGINT/SIGTERM), then stop cleanly."""
@@ -523,6 +558,8 @@ async def run_forever(server: IdentityServer, host: str | None, port: int | None
     await server.start()
     try:
         await server.serve(host, port)
+        if server.config.metrics.enabled:
+            await server.serve_metrics()
         await asyncio.Event().wait()
     finally:
         await server.stop()

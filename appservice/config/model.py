@@ -499,6 +499,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsListenConfig:
+    """The private listener serving Prometheus /metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = 9101
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics, on a listener of their own (never the public one)."""
+
+    enabled: bool = False
+    listen: MetricsListenConfig = field(default_factory=MetricsListenConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -518,3 +534,4 @@ class Config:
     appservice: AppserviceConfig = field(default_factory=AppserviceConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
