@@ -460,7 +460,11 @@ class IdentityServer:
     def public_app(self) -> web.Application:
         """The Identity Service API web application."""
         app = web.Application(
-            middlewares=[self.requests.middleware, matrix_middleware],
+            middlewares=[
+                self.requests.middleware,
+                self.metrics.http_middleware("public"),
+                matrix_middleware,
+            ],
             client_max_size=self.config.listen.max_body_bytes,
         )
         ctx = ApiContext(

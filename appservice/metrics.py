@@ -10,14 +10,19 @@ Gauges that come from the database are filled at scrape time by callbacks regist
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 PREFIX = "matrix_identity"
+
+# Methods counted by name; any other is counted as "other" (bounded cardinality).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 # Seconds; request latencies of an identity server sit between a millisecond and a few seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -179,3 +184,34 @@ class Metrics:
         for hook in self._scrape_hooks:
             hook()
         return generate_latest(self.registry)
+
+    def http_middleware(self, listener: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """An aiohttp middleware counting requests by route template and status, with latency.
+
+        Place it inside the middleware that turns errors into responses, so it sees the status
+        sent. The route is the template (``/_matrix/identity/v2/{x}``), never the raw path.
+        """
+        requests = self.http_requests
+        duration = self.http_request_duration
+
+        @web.middleware
+        async def middleware(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            start = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as e:
+                status = e.status
+                raise
+            finally:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                method = request.method if request.method in KNOWN_METHODS else "other"
+                requests.labels(listener, method, route, str(status)).inc()
+                duration.labels(listener, route).observe(time.perf_counter() - start)
+
+        return middleware

@@ -33,3 +33,23 @@ async def test_metrics_listener_serves_this_servers_families(api: Api) -> None:
     samples = await _scrape(f"http://{host}:{port}/metrics")
     assert samples["matrix_identity_store_invites_total"] == 1
     assert samples["matrix_identity_onbind_delivered_total"] == 0
+
+
+async def test_http_requests_are_counted_by_route_template_and_status(api: Api) -> None:
+    registry = api.server.metrics.registry
+    status, _ = await api.request("GET", "/_matrix/identity/v2")
+    assert status == 200
+    status, _ = await api.request("GET", "/_matrix/identity/v2/hash_details")
+    assert status == 401
+    await api.request("GET", "/no/such/path/abc123")
+
+    def count(route: str, status: str) -> float | None:
+        labels = {"listener": "public", "method": "GET", "route": route, "status": status}
+        return registry.get_sample_value("matrix_identity_http_requests_total", labels)
+
+    assert count("/_matrix/identity/v2", "200") == 1
+    assert count("/_matrix/identity/v2/hash_details", "401") == 1
+    assert count("unmatched", "404") == 1
+    histogram = {"listener": "public", "route": "/_matrix/identity/v2"}
+    name = "matrix_identity_http_request_duration_seconds_count"
+    assert registry.get_sample_value(name, histogram) == 1
