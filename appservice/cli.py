@@ -28,18 +28,20 @@ from appservice.identity_stores import StoreError
 from appservice.logs import setup_logging
 from appservice.matrix.registration import (
     build_registration,
+    is_generated_registration,
     new_token,
     set_config_tokens,
     write_registration,
 )
 from appservice.private_files import write_private_file
-from appservice.resources import EXAMPLE_CONFIG
+from appservice.resources import EXAMPLE_CONFIG, package_version
 from appservice.services.keys import KeyService, ListedKey, list_keys
 
 if TYPE_CHECKING:
     from appservice.app import IdentityServer
 
 DEFAULT_CONFIG = "config.yaml"
+CONSOLE_SCRIPT = "matrix-identity-appservice"
 DEFAULT_INVITE_LIMIT = 100
 
 
@@ -65,10 +67,13 @@ def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its --help lists every command)."""
+    # Named as it was started: the console script, or python -m appservice.
+    script = Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(
-        prog="python -m appservice",
+        prog=script if script == CONSOLE_SCRIPT else "python -m appservice",
         description="Matrix identity server and application service.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = _with_config(
         commands.add_parser("run", help="serve (creates the config from the example on first run)")
@@ -107,16 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
     registration.add_argument(
         "-r",
         "--registration",
-        default="registration.yaml",
-        help="where to write it (default registration.yaml)",
+        help="where to write it (default registration.yaml beside keys.signing_key_path, i.e. "
+        "data/registration.yaml beside the example config)",
+    )
+    registration.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a file that generate-registration did not write",
     )
     _add_invites_parser(commands)
     return parser
 
 
-def _generate_registration(config_path: Path, registration_path: Path) -> int:
-    """Write the registration; tokens are read from the config, or created and saved in it."""
+def _generate_registration(config_path: Path, registration: str | None, force: bool) -> int:
+    """Write the registration; tokens are read from the config, or created and saved in it.
+
+    By default it goes beside the signing key, in the data directory. A file that this command
+    did not write (such as the committed example ``registration.yaml``) is kept unless ``force``.
+    """
     config = load_config(config_path)
+    registration_path = (
+        Path(registration)
+        if registration
+        else Path(config.keys.signing_key_path).parent / "registration.yaml"
+    )
+    if registration_path.exists() and not force:
+        try:
+            ours = is_generated_registration(registration_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            print(
+                f"{registration_path} exists and was not written by generate-registration; "
+                "use --force to overwrite it",
+                file=sys.stderr,
+            )
+            return 1
     if not config.appservice.enabled:
         text = set_config_tokens(config_path.read_text(encoding="utf-8"), new_token(), new_token())
         write_private_file(config_path, text)
@@ -528,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {path}")
             return 0
         if args.command == "generate-registration":
-            return _generate_registration(path, Path(args.registration))
+            return _generate_registration(path, args.registration, args.force)
         if args.command == "run" and not path.exists():
             write_example_config(path)
             print(f"created {path} from the example config", file=sys.stderr)

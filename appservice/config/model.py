@@ -59,7 +59,7 @@ class DatabaseConfig:
 class KeysConfig:
     """The long-term ed25519 signing key."""
 
-    signing_key_path: str = path_field("signing.key")
+    signing_key_path: str = path_field("data/signing.key")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Open the database (SQLite or PostgreSQL through mautrix's async_db) and apply migrations.
 
-Migrations are the SQL files in the top-level ``migrations/`` directory, named
+Migrations are the SQL files of the top-level ``migrations/`` directory (shipped inside the
+package, see ``appservice.resources``; ``APPSERVICE_MIGRATIONS_DIR`` points elsewhere), named
 ``NNNN_description.sql``; a file ``NNNN_description.postgres.sql`` or ``.sqlite.sql`` replaces the
 plain one for that dialect. Each is applied once, in a transaction, and recorded in
 ``schema_migrations``. On PostgreSQL an advisory lock serialises instances that start together.
@@ -19,6 +20,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote
@@ -31,12 +33,12 @@ from mautrix.util.async_db.connection import LoggingConnection
 from mautrix.util.async_db.database import conn_var
 
 from appservice.private_files import make_private_dirs
+from appservice.resources import MIGRATIONS
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(
-    os.environ.get("APPSERVICE_MIGRATIONS_DIR", Path(__file__).resolve().parents[2] / "migrations")
-)
+_MIGRATIONS_OVERRIDE = os.environ.get("APPSERVICE_MIGRATIONS_DIR")
+MIGRATIONS_DIR: Traversable = Path(_MIGRATIONS_OVERRIDE) if _MIGRATIONS_OVERRIDE else MIGRATIONS
 # An arbitrary constant that identifies this application's migration lock.
 _MIGRATION_LOCK_KEY = 0x1D5E_4A11
 _POSITIONAL = re.compile(r"\$(\d+)")
@@ -63,10 +65,13 @@ class Migration:
     sql: str
 
 
-def load_migrations(dialect: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def load_migrations(dialect: str, directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     """The migrations for ``dialect`` (``postgres`` or ``sqlite``), in version order."""
-    chosen: dict[int, tuple[str, Path, bool]] = {}
-    for path in sorted(directory.glob("*.sql")):
+    if not directory.is_dir():
+        raise DatabaseError(f"migrations: {directory} is not a directory")
+    chosen: dict[int, tuple[str, Traversable, bool]] = {}
+    files = (entry for entry in directory.iterdir() if entry.name.endswith(".sql"))
+    for path in sorted(files, key=lambda entry: entry.name):
         match = _MIGRATION_NAME.match(path.name)
         if not match:
             raise DatabaseError(f"migrations: unexpected file name {path.name}")
@@ -441,7 +446,7 @@ class AppDatabase:
         rows = await self.fetch("SELECT version FROM schema_migrations")
         return {int(row[0]) for row in rows}
 
-    async def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[int]:
+    async def migrate(self, directory: Traversable = MIGRATIONS_DIR) -> list[int]:
         """Apply pending migrations; returns the versions applied (none when up to date)."""
         migrations = load_migrations(self.dialect, directory)
         known = migrations[-1].version if migrations else 0

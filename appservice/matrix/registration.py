@@ -52,11 +52,21 @@ def build_registration(config: AppserviceConfig) -> dict[str, Any]:
     }
 
 
+# The first line of every registration this module writes (how generate-registration knows that
+# it may overwrite a file).
+GENERATED_HEADER = "# Application service registration for the homeserver, written by\n"
+
+
+def is_generated_registration(text: str) -> bool:
+    """Whether ``text`` is a registration written by :func:`write_registration`."""
+    return text.startswith(GENERATED_HEADER)
+
+
 def write_registration(path: Path, registration: dict[str, Any]) -> None:
     """Write the registration YAML, readable only by its owner (it holds both tokens)."""
     text = (
-        "# Application service registration for the homeserver, written by\n"
-        "# `python -m appservice generate-registration`. Synapse: list this file in\n"
+        GENERATED_HEADER
+        + "# `python -m appservice generate-registration`. Synapse: list this file in\n"
         "# app_service_config_files. It holds secrets: keep it private.\n"
     ) + yaml.safe_dump(registration, sort_keys=False, allow_unicode=True)
     write_private_file(path, text)

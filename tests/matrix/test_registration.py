@@ -262,6 +262,48 @@ def test_a_section_it_cannot_edit_is_refused_rather_than_duplicated(tmp_path: Pa
         set_config_tokens(text, "as" + "1" * 30, "hs" + "2" * 30)
 
 
+def test_registration_goes_to_the_data_directory_beside_the_config_by_default(
+    tmp_path: Path, clean_environ: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = tmp_path / "etc" / "config.yaml"
+    assert run_cli("generate-config", "-c", str(config_path)) == 0
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    assert run_cli("generate-registration", "-c", str(config_path)) == 0
+    written = tmp_path / "etc" / "data" / "registration.yaml"
+    assert yaml.safe_load(written.read_text(encoding="utf-8"))["as_token"]
+    assert stat.S_IMODE(written.parent.stat().st_mode) == 0o700
+    assert list(elsewhere.iterdir()) == []
+    # Its own file it rewrites (same tokens) without --force.
+    assert run_cli("generate-registration", "-c", str(config_path)) == 0
+
+
+def test_a_file_it_did_not_write_is_only_overwritten_with_force(
+    tmp_path: Path, clean_environ: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "config.yaml"
+    assert run_cli("generate-config", "-c", str(config_path)) == 0
+    original_config = config_path.read_bytes()
+    example = tmp_path / "registration.yaml"
+    example.write_bytes((REPO / "registration.yaml").read_bytes())
+    capsys.readouterr()
+
+    args = ("generate-registration", "-c", str(config_path), "-r", str(example))
+    assert run_cli(*args) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"{example} exists and was not written by generate-registration; "
+        "use --force to overwrite it"
+    )
+    assert example.read_bytes() == (REPO / "registration.yaml").read_bytes()
+    assert config_path.read_bytes() == original_config  # no tokens made either
+
+    assert run_cli(*args, "--force") == 0
+    assert yaml.safe_load(example.read_text(encoding="utf-8"))["as_token"] != "CHANGE_ME_as_token"
+
+
 # The committed example.
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+import appservice
 from appservice.app import IdentityServer
 from appservice.cli import main
 from appservice.config import load_config
+from appservice.resources import package_version
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +83,7 @@ def test_first_run_creates_config_key_and_database_then_serves(tmp_path: Path) -
                 time.sleep(0.1)
         assert body == b"{}", proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
         assert config.exists()
-        key = tmp_path / "conf" / "signing.key"
+        key = tmp_path / "conf" / "data" / "signing.key"
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert key.read_text().startswith("ed25519 0 ")
         assert (tmp_path / "conf" / "data" / "identity.db").exists()
@@ -94,6 +96,15 @@ def test_first_run_creates_config_key_and_database_then_serves(tmp_path: Path) -
             raise
     assert proc.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_version_names_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"python -m appservice {package_version()}\n"
+    # The installed distribution's version is the package's own (pyproject reads it from there).
+    assert package_version().split()[0] == appservice.__version__
 
 
 def test_generate_config_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -246,7 +246,7 @@ def test_list_rejects_two_filters_and_a_bad_limit(world: World) -> None:
 def test_list_of_an_empty_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.yaml"
     assert _main("generate-config", "-c", str(config)) == 0
-    KeyRing.load_or_create(tmp_path / "signing.key")
+    KeyRing.load_or_create(tmp_path / "data" / "signing.key")
     assert _json(capsys, "invites", "list", "--json", "-c", str(config)) == []
     assert _main("invites", "list", "-c", str(config)) == 0
     assert capsys.readouterr().out == "no invites\n"
@@ -316,7 +316,7 @@ def test_expire_queues_the_onbind_once(world: World, capsys: pytest.CaptureFixtu
     body = json.loads(stored.body)
     assert body["mxid"] == "@_identity_invite_expired:localhost"
     assert body["address"] == "alice@example.org"
-    with (world.config.parent / "signing.key").open() as f:
+    with (world.config.parent / "data" / "signing.key").open() as f:
         (key,) = signedjson.key.read_signing_keys(f)
     signedjson.sign.verify_signed_json(
         body["invites"][0]["signed"], "localhost:8090", signedjson.key.get_verify_key(key)
@@ -380,7 +380,7 @@ def test_missing_signing_key_is_an_error_and_no_key_is_made(
     assert _main("invites", "list", "-c", str(config)) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: keys: no signing key file at ")
-    assert not (tmp_path / "signing.key").exists()
+    assert not (tmp_path / "data" / "signing.key").exists()
 
 
 def test_config_and_database_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -391,7 +391,7 @@ def test_config_and_database_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().err.startswith("config error: invites.expiration.after")
 
     config.write_text("database: {url: 'postgres://nobody@127.0.0.1:1/none'}\n")
-    KeyRing.load_or_create(tmp_path / "signing.key")
+    KeyRing.load_or_create(tmp_path / "data" / "signing.key")
     result = _cli("invites", "show", "x", "-c", str(config))
     assert result.returncode == 1
     assert result.stderr.startswith("error: database.url: cannot connect")
