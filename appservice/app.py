@@ -59,10 +59,16 @@ from appservice.identity_stores.factory import build_identity_stores
 from appservice.jobs.periodic import PeriodicJob
 from appservice.jobs.purge import purge_expired
 from appservice.metrics import CONTENT_TYPE_LATEST, Metrics
-from appservice.notifications.connectors import build_email_connector, build_sms_connector
+from appservice.notifications.connectors import (
+    CountedEmailConnector,
+    CountedSmsConnector,
+    build_email_connector,
+    build_sms_connector,
+)
 from appservice.notifications.generator import MessageGenerator
 from appservice.services.accounts import AccountService, OpenIdVerifier
 from appservice.services.bindings import BindingService
+from appservice.services.database_gauges import DatabaseGauges
 from appservice.services.delivery import OnbindDelivery
 from appservice.services.expired_invites import ExpiredInviteService
 from appservice.services.health import HealthCheck
@@ -139,6 +145,8 @@ class IdentityServer:
     ) -> None:
         self.config = config
         self.clock = clock or Clock()
+        # The Prometheus families of this server (a registry of its own, not the global one).
+        self.metrics = Metrics()
         self.db = AppDatabase(
             config.database.url, config.database.min_connections, config.database.max_connections
         )
@@ -166,7 +174,7 @@ class IdentityServer:
                 ", ".join(store.name for store in self.stores.live),
             )
         store_copies = StoreThreepidStore(self.db)
-        self.ratelimiter = RateLimiter(RateLimitStore(self.db), self.clock)
+        self.ratelimiter = RateLimiter(RateLimitStore(self.db), self.clock, self.metrics)
         self.accounts = AccountService(
             AccountStore(self.db),
             verify_openid or functools.partial(fetch_openid_user, self.federation),
@@ -187,6 +195,7 @@ class IdentityServer:
             copies=store_copies,
             ratelimiter=self.ratelimiter,
             v1_limit=config.ratelimits.v1_lookup_per_ip,
+            metrics=self.metrics,
         )
         self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
         notifications = config.notifications
@@ -196,8 +205,8 @@ class IdentityServer:
             config.server.name,
             config.server.public_base_url,
         )
-        self.email = build_email_connector(notifications.email)
-        self.sms = build_sms_connector(notifications.sms)
+        self.email = CountedEmailConnector(build_email_connector(notifications.email), self.metrics)
+        self.sms = CountedSmsConnector(build_sms_connector(notifications.sms), self.metrics)
         self.sessions = SessionService(
             SessionStore(self.db),
             self.generator,
@@ -207,6 +216,7 @@ class IdentityServer:
             config.session,
             config.ratelimits,
             self.clock,
+            self.metrics,
         )
         invite_store = InviteStore(self.db)
         outbox = OutboxStore(self.db)
@@ -226,6 +236,7 @@ class IdentityServer:
             expired_user_id=config.appservice.expired_user_id,
             clock=self.clock,
             stores=self.stores,
+            metrics=self.metrics,
         )
         self.invite_policy = InvitePolicyService(
             config.invites.policy,
@@ -241,6 +252,7 @@ class IdentityServer:
             self.clock,
             # The claim on a row must outlast an attempt, whose length is the request timeout.
             request_timeout_s=float(config.federation.timeout),
+            metrics=self.metrics,
         )
         self.delivery_job = PeriodicJob(
             "onbind-delivery", float(delivery.poll_interval), self.delivery.deliver_due
@@ -263,6 +275,7 @@ class IdentityServer:
             lambda: self.lookup.pepper,
             float(config.stores.sync_interval),
             self.clock,
+            self.metrics,
         )
         # Checked often, so a failed or due sync is picked up soon by whichever instance is free;
         # each store is copied once per sync_interval (a lease in the database).
@@ -285,8 +298,10 @@ class IdentityServer:
         self.matrix: IdentityAppService | None = None
         self.appservice_status: dict[str, Any] = {"enabled": config.appservice.enabled}
         self.health_check = HealthCheck(self.db, self.appservice_status)
-        # The Prometheus families of this server (a registry of its own, not the global one).
-        self.metrics = Metrics()
+        self.database_gauges = DatabaseGauges(
+            self.db, invite_store, outbox, self.metrics, self.clock
+        )
+        self.metrics.add_scrape_hook(self.database_gauges.refresh)
         # Request ids and the requests in flight of the public listener.
         self.requests = RequestTracker()
         self.actions_job: PeriodicJob | None = None
@@ -410,7 +425,10 @@ class IdentityServer:
 
         config = self.config.appservice
         matrix = IdentityAppService(
-            config, PgASStateStore(self.db.db), self.expired_invites.handle_transaction
+            config,
+            PgASStateStore(self.db.db),
+            self.expired_invites.handle_transaction,
+            self.metrics,
         )
         try:
             await matrix.start(config.listen.host, config.listen.port)
@@ -426,6 +444,7 @@ class IdentityServer:
             lambda user_id: matrix.intent.user(UserID(user_id)),
             self.clock,
             post_notice=config.post_notice,
+            metrics=self.metrics,
         )
         self.actions_job = PeriodicJob("appservice-actions", ACTIONS_POLL_S, worker.perform_due)
         self.expired_invites.on_recorded = self.actions_job.wake
@@ -531,7 +550,7 @@ class IdentityServer:
         """The private metrics web app: GET /metrics, the Prometheus text exposition."""
 
         async def scrape(request: web.Request) -> web.Response:
-            body = self.metrics.exposition()
+            body = await self.metrics.exposition()
             return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         app = web.Application()

@@ -33,7 +33,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self._scrape_hooks: list[Callable[[], None]] = []
+        self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
         r = self.registry
         p = PREFIX
 
@@ -135,13 +135,17 @@ class Metrics:
             f"{p}_onbind_delivered", "Onbind notifications delivered.", registry=r
         )
         self.onbind_failed = Counter(
-            f"{p}_onbind_failed", "Onbind delivery attempts that failed.", registry=r
+            f"{p}_onbind_failed",
+            "Onbind notifications given up: refused for good by the homeserver, or too old.",
+            registry=r,
         )
 
         # Appservice.
         self.appservice_transactions = Counter(
             f"{p}_appservice_transactions",
-            "Appservice transactions received from the homeserver.",
+            "Appservice transactions from the homeserver, by result: recorded (acknowledged; a"
+            " repeated one too) or error (answered 500, the homeserver retries).",
+            ["result"],
             registry=r,
         )
 
@@ -175,14 +179,15 @@ class Metrics:
             f"{p}_db_pool_in_use", "Connections of the database pool in use.", registry=r
         )
 
-    def add_scrape_hook(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` before each exposition (to fill gauges from state kept elsewhere)."""
+    def add_scrape_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await ``hook`` before each exposition (to fill gauges from state kept elsewhere,
+        such as the database; the hook caches what is expensive to read)."""
         self._scrape_hooks.append(hook)
 
-    def exposition(self) -> bytes:
+    async def exposition(self) -> bytes:
         """The text exposition of every family, after running the scrape hooks."""
         for hook in self._scrape_hooks:
-            hook()
+            await hook()
         return generate_latest(self.registry)
 
     def http_middleware(self, listener: str) -> Callable[..., Awaitable[web.StreamResponse]]:

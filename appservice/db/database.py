@@ -265,6 +265,15 @@ class AppDatabase:
                 raise DatabaseError(f"database.url: cannot connect: {e}") from e
             raise
 
+    def pool_usage(self) -> tuple[int, int] | None:
+        """(connections open, connections in use) of the PostgreSQL pool; None on SQLite (one
+        connection, no pool) and before start."""
+        pool = self._postgres_pool
+        if pool is None:
+            return None
+        size = int(pool.get_size())
+        return size, size - int(pool.get_idle_size())
+
     async def stop(self) -> None:
         """Close every connection."""
         if self._reader is not None:

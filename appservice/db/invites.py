@@ -201,6 +201,11 @@ class InviteStore:
         )
         return value is not None
 
+    async def count_by_state(self) -> dict[str, int]:
+        """How many invites are in each state (read from the index on state)."""
+        rows = await self._db.fetch("SELECT state, COUNT(*) AS n FROM invites GROUP BY state")
+        return {row["state"]: int(row["n"]) for row in rows}
+
     async def list(self, state: str | None, limit: int) -> list[Invite]:
         """Invites, newest first, optionally of one state."""
         if state is None:

@@ -129,6 +129,18 @@ class OutboxStore:
         )
         return len(rows)
 
+    async def pending_summary(self) -> tuple[int, int | None]:
+        """(entries pending, queue time of the oldest in ms or None): read through the index on
+        state, touching only the pending rows."""
+        row = await self._db.fetchrow(
+            "SELECT COUNT(*) AS n, MIN(created_ts) AS oldest FROM onbind_outbox WHERE state = $1",
+            PENDING,
+        )
+        if row is None:
+            return 0, None
+        oldest = row["oldest"]
+        return int(row["n"]), None if oldest is None else int(oldest)
+
     async def count_by_state(self) -> dict[str, int]:
         """How many entries are in each state."""
         rows = await self._db.fetch("SELECT state, COUNT(*) AS n FROM onbind_outbox GROUP BY state")

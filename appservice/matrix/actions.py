@@ -16,6 +16,7 @@ from mautrix.types import RoomID, UserID
 
 from appservice.clock import Clock
 from appservice.db.appservice import LEAVE, REJECT, AppserviceStore, RoomAction
+from appservice.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ class RoomActionWorker:
         clock: Clock,
         *,
         post_notice: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics if metrics is not None else Metrics()
         self._intent_for = intent_for
         self._clock = clock
         self._post_notice = post_notice
@@ -88,6 +91,8 @@ class RoomActionWorker:
             await self._retry_or_fail(action, claim, attempts, f"{type(e).__name__}: {e}")
             return 0
         await self._store.mark_done(action.id, attempts, self._clock.now_ms(), claim=claim)
+        if action.kind == REJECT:
+            self._metrics.expired_invites_rejected.inc()
         log.info("%s done in %s as %s", action.kind, room_id, UserID(action.user_id))
         return 1
 

@@ -32,6 +32,7 @@ from appservice.api.http import (
 )
 from appservice.config import AppserviceConfig
 from appservice.errors import MatrixError, bad_json
+from appservice.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class IdentityAppService(AppService):
         config: AppserviceConfig,
         state_store: ASStateStore,
         on_transaction: TransactionHandler,
+        metrics: Metrics | None = None,
     ) -> None:
         with warnings.catch_warnings():
             # mautrix passes loop= to aiohttp's Application, which aiohttp deprecated.
@@ -66,9 +68,11 @@ class IdentityAppService(AppService):
         self._legacy_query_auth = config.legacy_query_auth
         self._expired_user_id = config.expired_user_id
         self._on_transaction = on_transaction
+        self._metrics = metrics if metrics is not None else Metrics()
         # Request ids: a transaction's lines in the log carry the id of its request.
         self.requests = RequestTracker()
         self.app.middlewares.append(self.requests.middleware)
+        self.app.middlewares.append(self._metrics.http_middleware("appservice"))
         self.app.middlewares.append(matrix_middleware)
         self.app.middlewares.append(self._auth_middleware)
 
@@ -147,11 +151,14 @@ class IdentityAppService(AppService):
         events = body.get("events")
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise bad_json("events must be a list of events")
+        transactions = self._metrics.appservice_transactions
         try:
             await self._on_transaction(txn_id, events)
         except Exception:  # the homeserver must retry: nothing may be lost
+            transactions.labels("error").inc()
             log.exception("could not record transaction %s", txn_id)
             raise MatrixError(
                 500, "M_UNKNOWN", "Could not record the transaction; retry later"
             ) from None
+        transactions.labels("recorded").inc()
         return json_response({})

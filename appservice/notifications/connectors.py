@@ -6,7 +6,8 @@ import logging
 from typing import Protocol
 
 from appservice.config import EmailConfig, SmsConfig
-from appservice.notifications.message import EmailMessage, SmsMessage
+from appservice.metrics import Metrics
+from appservice.notifications.message import EmailMessage, NotificationError, SmsMessage
 from appservice.notifications.smtp import Gate, SmtpConnector
 from appservice.notifications.twilio import TwilioConnector
 
@@ -60,6 +61,54 @@ class LogConnector:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+class CountedEmailConnector:
+    """An email connector whose sent and failed mails are counted by template."""
+
+    def __init__(self, inner: EmailConnector, metrics: Metrics) -> None:
+        self.inner = inner
+        self._sent = metrics.mails_sent
+        self._failed = metrics.mails_failed
+
+    async def send_email(self, msg: EmailMessage, gate: Gate | None = None) -> bool:
+        """Send through the wrapped connector; a mail its gate held back is not counted."""
+        template = msg.template or "other"
+        try:
+            sent = await self.inner.send_email(msg, gate)
+        except NotificationError:
+            self._failed.labels(template).inc()
+            raise
+        if sent:
+            self._sent.labels(template).inc()
+        return sent
+
+    async def close(self) -> None:
+        """Close the wrapped connector."""
+        await self.inner.close()
+
+
+class CountedSmsConnector:
+    """An SMS connector whose sent and failed messages are counted by template."""
+
+    def __init__(self, inner: SmsConnector, metrics: Metrics) -> None:
+        self.inner = inner
+        self._sent = metrics.sms_sent
+        self._failed = metrics.sms_failed
+
+    async def send_sms(self, msg: SmsMessage) -> None:
+        """Send through the wrapped connector."""
+        template = msg.template or "other"
+        try:
+            await self.inner.send_sms(msg)
+        except NotificationError:
+            self._failed.labels(template).inc()
+            raise
+        self._sent.labels(template).inc()
+
+    async def close(self) -> None:
+        """Close the wrapped connector."""
+        await self.inner.close()
 
 
 def build_email_connector(config: EmailConfig) -> EmailConnector:

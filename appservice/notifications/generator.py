@@ -156,7 +156,7 @@ class MessageGenerator:
     def validation_sms(self, to: str, token: str) -> SmsMessage:
         """The SMS that verifies a phone number (``to`` in E.164 digits without ``+``)."""
         text = self._render("validation.sms.txt", {"to": to, "token": token}).strip()
-        return SmsMessage(to=to, text=text)
+        return SmsMessage(to=to, text=text, template="validation_sms")
 
     def unbind_email(self, to: str, mxid: str) -> EmailMessage:
         """The notice that ``to`` is no longer bound to ``mxid``."""
@@ -245,6 +245,7 @@ class MessageGenerator:
             subject=_shorten(subject, _SUBJECT_MAX),
             text=self._render(f"{name}.txt", variables),
             html=self._render(f"{name}.html", variables),
+            template=name,
         )
 
     def _render(self, name: str, variables: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ class EmailMessage:
     subject: str
     text: str
     html: str
+    # The template it was rendered from (``invite_email``), for metrics and logs.
+    template: str = ""
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class SmsMessage:
     # writes MSISDNs; the connector adds the ``+``.
     to: str
     text: str
+    # The template it was rendered from (``validation_sms``), for metrics and logs.
+    template: str = ""
 
 
 class NotificationError(Exception):

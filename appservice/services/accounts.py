@@ -58,7 +58,7 @@ class AccountService:
             raise MatrixError(
                 403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
             )
-        await self._ratelimiter.hit("register_ip", requester_ip, self._register_limit)
+        await self._ratelimiter.hit("register_per_ip", requester_ip, self._register_limit)
         # The caller is not authenticated and chooses the server: the answer says only whether
         # the token was refused or the server could not be asked, never why (a connection error
         # names hosts, ports and what listens there); the reason goes to the log.

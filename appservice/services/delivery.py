@@ -18,6 +18,7 @@ from appservice.config.model import DeliveryConfig
 from appservice.db.outbox import OutboxEntry, OutboxStore
 from appservice.federation.client import FederationClient
 from appservice.federation.discovery import FederationError
+from appservice.metrics import Metrics
 from appservice.services.invites import ONBIND_PATH
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ class OnbindDelivery:
         clock: Clock,
         *,
         request_timeout_s: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._outbox = outbox
+        self._metrics = metrics if metrics is not None else Metrics()
         self._federation = federation
         self._config = config
         self._clock = clock
@@ -82,6 +85,7 @@ class OnbindDelivery:
             if not await self._outbox.renew_claim(entry.id, entry.claimed_until, claim):
                 log.info("onbind for invite %s: claim lost, skipped", entry.invite_id)
                 return False
+            self._metrics.onbind_attempts.inc()
             try:
                 status, body = await self._federation.post_json(
                     entry.destination, ONBIND_PATH, json.loads(entry.body)
@@ -94,6 +98,7 @@ class OnbindDelivery:
                 await self._retry_or_fail(entry, claim, attempts, f"internal error: {e!r}")
                 return False
         if 200 <= status < 300:
+            self._metrics.onbind_delivered.inc()
             if await self._outbox.mark_delivered(
                 entry.id, attempts, self._clock.now_ms(), claim=claim
             ):
@@ -108,6 +113,7 @@ class OnbindDelivery:
         reason = f"HTTP {status}{_matrix_error(body)}"
         if 400 <= status < 500 and status not in _RETRYABLE_4XX:
             if await self._outbox.mark_failed(entry.id, attempts, reason, claim=claim):
+                self._metrics.onbind_failed.inc()
                 log.warning(
                     "onbind for invite %s refused by %s: %s",
                     entry.invite_id,
@@ -129,6 +135,7 @@ class OnbindDelivery:
             if await self._outbox.mark_failed(
                 entry.id, attempts, f"gave up after {attempts} attempts: {reason}", claim=claim
             ):
+                self._metrics.onbind_failed.inc()
                 log.warning(
                     "onbind for invite %s to %s failed for good after %d attempts: %s",
                     entry.invite_id,

@@ -26,6 +26,7 @@ from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import OutboxStore
 from appservice.errors import MatrixError, forbidden, invalid_param
 from appservice.identity_stores import IdentityStores
+from appservice.metrics import Metrics
 from appservice.notifications.connectors import EmailConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import NotificationError
@@ -87,8 +88,10 @@ class InviteService:
         expired_user_id: str,
         clock: Clock,
         stores: IdentityStores | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
+        self._metrics = metrics if metrics is not None else Metrics()
         self._stores = stores or IdentityStores(())
         self._invites = invites
         self._outbox = outbox
@@ -132,9 +135,9 @@ class InviteService:
         if request.sender != caller:
             raise forbidden("sender must be the authenticated user")
         limits: list[Event] = [
-            ("store_invite_sender", request.sender, self._limits.store_invite_per_sender),
-            ("store_invite_address", f"email:{address}", self._limits.store_invite_per_address),
-            ("store_invite_ip", requester_ip, self._limits.store_invite_per_ip),
+            ("store_invite_per_sender", request.sender, self._limits.store_invite_per_sender),
+            ("store_invite_per_address", f"email:{address}", self._limits.store_invite_per_address),
+            ("store_invite_per_ip", requester_ip, self._limits.store_invite_per_ip),
         ]
         # A sender, address or IP already known to be over its limit is refused before any mail
         # is started.
@@ -214,6 +217,7 @@ class InviteService:
             # the invitee's homeserver already, so the invitation stands without the email.
             log.warning("invite %s: email failed, but the address was bound meanwhile", invite.id)
         log.info("stored invite %s to room %s by %s", invite.id, invite.room_id, invite.sender)
+        self._metrics.store_invites.inc()
         base = f"{self._public_base_url}/_matrix/identity/v2/pubkey"
         return {
             "token": invite.token,

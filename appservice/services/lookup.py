@@ -15,6 +15,7 @@ from appservice.db.server_state import ServerStateStore
 from appservice.db.store_threepids import StoreThreepidStore
 from appservice.errors import MatrixError, invalid_param
 from appservice.identity_stores import IdentityStores, Threepid
+from appservice.metrics import Metrics
 from appservice.services.ratelimits import RateLimiter
 from appservice.threepid import MEDIUMS, canonical_address
 
@@ -48,8 +49,10 @@ class LookupService:
         *,
         ratelimiter: RateLimiter,
         v1_limit: RateLimit,
+        metrics: Metrics | None = None,
     ) -> None:
         self._bindings = bindings
+        self._metrics = metrics if metrics is not None else Metrics()
         self._ratelimiter = ratelimiter
         self._v1_limit = v1_limit
         self._stores = stores or IdentityStores(())
@@ -99,13 +102,24 @@ class LookupService:
         if algorithm == "sha256":
             # The addresses are the hashes, so what the index finds is the answer as it stands;
             # a repeated address is matched (and answered) once.
-            return await self._mxids_by_hash(list(filter(_SHA256_HASH.fullmatch, addresses)))
-        # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
-        plain: dict[Any, tuple[str, str]] = {}
-        for entry in addresses:
-            address, _, medium = entry.rpartition(" ")
-            plain[entry] = (medium, address)
-        return dict(await self._find_plain(plain))
+            found = await self._mxids_by_hash(list(filter(_SHA256_HASH.fullmatch, addresses)))
+        else:
+            # "none": "<address> <medium>" in plain text; hash it ourselves to use the same index.
+            plain: dict[Any, tuple[str, str]] = {}
+            for entry in addresses:
+                address, _, medium = entry.rpartition(" ")
+                plain[entry] = (medium, address)
+            found = dict(await self._find_plain(plain))
+        self._count(len(set(addresses)), len(found))
+        return found
+
+    def _count(self, asked: int, found: int) -> None:
+        """One lookup request: ``asked`` distinct addresses, ``found`` of them bound."""
+        metrics = self._metrics
+        metrics.lookup_requests.inc()
+        metrics.lookup_addresses.inc(asked)
+        metrics.lookup_hits.inc(found)
+        metrics.lookup_misses.inc(asked - found)
 
     def signed_association(self, binding: Binding) -> dict[str, Any]:
         """A binding as the signed association object of the spec."""
@@ -127,7 +141,12 @@ class LookupService:
         """Legacy v1 ``GET /lookup``: the signed association, or ``{}`` when there is none.
 
         Unauthenticated, so counted against ``ratelimits.v1_lookup_per_ip`` first."""
-        await self._ratelimiter.hit("v1_lookup_ip", requester_ip, self._v1_limit)
+        await self._ratelimiter.hit("v1_lookup_per_ip", requester_ip, self._v1_limit)
+        association = await self._one_signed(medium, address)
+        self._count(1, 1 if association else 0)
+        return association
+
+    async def _one_signed(self, medium: str, address: str) -> dict[str, Any]:
         canonical = canonical_address(medium, address) if medium in MEDIUMS else None
         if canonical is None:
             return {}
@@ -162,9 +181,10 @@ class LookupService:
         if len(threepids) > most:
             raise invalid_param(f"Too many 3PIDs: {len(threepids)} (at most {most})")
         await self._ratelimiter.hit(
-            "v1_lookup_ip", requester_ip, self._v1_limit, max(1, len(threepids))
+            "v1_lookup_per_ip", requester_ip, self._v1_limit, max(1, len(threepids))
         )
         found = await self._find_plain(dict(enumerate(threepids)))
+        self._count(len(threepids), len(found))
         return [[*threepids[i], mxid] for i, mxid in found]
 
     async def _find_plain(self, threepids: dict[Any, tuple[str, str]]) -> list[tuple[Any, str]]:

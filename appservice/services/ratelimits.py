@@ -10,6 +10,7 @@ from appservice.clock import Clock
 from appservice.config import RateLimit
 from appservice.db.ratelimits import RateLimitStore
 from appservice.errors import MatrixError
+from appservice.metrics import Metrics
 
 # Buckets remembered as over their limit; the memory is cleared when it grows past this.
 _EXHAUSTED_MAX = 10_000
@@ -27,9 +28,10 @@ class RateLimiter:
     refusal would drop.
     """
 
-    def __init__(self, store: RateLimitStore, clock: Clock) -> None:
+    def __init__(self, store: RateLimitStore, clock: Clock, metrics: Metrics | None = None) -> None:
         self._store = store
         self._clock = clock
+        self._refusals = (metrics if metrics is not None else Metrics()).ratelimit_refusals
         # bucket -> end of the window (ms) in which it went over its limit
         self._exhausted: dict[str, int] = {}
 
@@ -42,7 +44,7 @@ class RateLimiter:
         to be over its limit in the current window."""
         if self._exhausted:
             now = self._clock.now_ms()
-            self._refuse_known(self._windows(events, now), now)
+            self._refuse_known(events, self._windows(events, now), now)
 
     async def hit_all(self, events: Sequence[Event], count: int = 1) -> None:
         """Count ``count`` events (one request; a bulk request may weigh more) under each
@@ -50,23 +52,39 @@ class RateLimiter:
         wait) when any is over its limit. A refused request counts too."""
         now = self._clock.now_ms()
         windows = self._windows(events, now)
-        self._refuse_known(windows, now)
+        self._refuse_known(events, windows, now)
         hits = await self._store.hit(windows, count)
         over = [
-            window
-            for window, (_name, _key, limit) in zip(windows, events, strict=True)
+            (window, name)
+            for window, (name, _key, limit) in zip(windows, events, strict=True)
             if hits[window[0]] > limit.limit
         ]
         if over:
             if len(self._exhausted) >= _EXHAUSTED_MAX:
                 self._exhausted.clear()
-            self._exhausted.update((bucket, end) for bucket, _start, end in over)
-        self._raise_after(over, now)
+            self._exhausted.update((bucket, end) for (bucket, _start, end), _name in over)
+        self._refuse(over, now)
 
-    def _refuse_known(self, windows: Sequence[tuple[str, int, int]], now: int) -> None:
+    def _refuse_known(
+        self, events: Sequence[Event], windows: Sequence[tuple[str, int, int]], now: int
+    ) -> None:
         """429 when one of ``windows`` is remembered as over its limit."""
         if self._exhausted:
-            self._raise_after([w for w in windows if self._exhausted.get(w[0], 0) > now], now)
+            self._refuse(
+                [
+                    (window, name)
+                    for window, (name, _key, _limit) in zip(windows, events, strict=True)
+                    if self._exhausted.get(window[0], 0) > now
+                ],
+                now,
+            )
+
+    def _refuse(self, over: Sequence[tuple[tuple[str, int, int], str]], now: int) -> None:
+        """Count the refusal under each limit it broke, then raise it (if any)."""
+        if over:
+            for name in {name for _window, name in over}:
+                self._refusals.labels(name).inc()
+            self._raise_after([window for window, _name in over], now)
 
     @staticmethod
     def _windows(events: Sequence[Event], now: int) -> list[tuple[str, int, int]]:

@@ -16,6 +16,7 @@ from appservice.clock import Clock
 from appservice.config import RateLimitsConfig, SessionConfig
 from appservice.db.sessions import SessionStore, ValidationSession
 from appservice.errors import MatrixError, forbidden, invalid_param
+from appservice.metrics import Metrics
 from appservice.notifications.connectors import EmailConnector, SmsConnector
 from appservice.notifications.generator import MessageGenerator
 from appservice.notifications.message import EmailMessage, NotificationError, SmsMessage
@@ -62,6 +63,7 @@ class SessionService:
         config: SessionConfig,
         limits: RateLimitsConfig,
         clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._generator = generator
@@ -71,6 +73,7 @@ class SessionService:
         self._config = config
         self._limits = limits
         self._clock = clock
+        self._metrics = metrics if metrics is not None else Metrics()
 
     def _require_enabled(self) -> None:
         if not self._config.policy.validation.enabled:
@@ -185,9 +188,9 @@ class SessionService:
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
         limits: list[Event] = [
-            ("request_token_ip", requester_ip, self._limits.request_token_per_ip),
+            ("request_token_per_ip", requester_ip, self._limits.request_token_per_ip),
             (
-                "request_token_address",
+                "request_token_per_address",
                 f"{medium}:{address}",
                 self._limits.request_token_per_address,
             ),
@@ -248,6 +251,7 @@ class SessionService:
         if stored.token_hash != session.token_hash:
             return stored.sid  # created concurrently by an identical request
         log.info("validation session %s created (%s)", session.sid, medium)
+        self._metrics.validation_sessions_started.labels(medium).inc()
         return session.sid
 
     async def _resend(
@@ -329,6 +333,8 @@ class SessionService:
                 f"The token is incorrect ({left} attempt{'s' if left != 1 else ''} left).",
             )
         log.info("validation session %s validated (%s)", session.sid, session.medium)
+        if session.validated_ts is None:  # a repeated submission validates nothing new
+            self._metrics.validation_sessions_validated.labels(session.medium).inc()
         return SubmitResult(next_link=session.next_link)
 
     async def validated_threepid(self, sid: str, client_secret: str) -> ValidatedThreepid:

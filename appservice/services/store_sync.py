@@ -17,6 +17,7 @@ from appservice.clock import Clock
 from appservice.db.store_threepids import StoreThreepidStore
 from appservice.identity_stores import IdentityStores, StoreError
 from appservice.identity_stores.base import IdentityStore
+from appservice.metrics import Metrics
 from appservice.threepid import MEDIUMS, canonical_address
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class StoreSyncService:
         pepper: Callable[[], str],
         interval_s: float,
         clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self._stores = stores
+        self._metrics = metrics if metrics is not None else Metrics()
         self._copies = copies
         self._hash_of = hash_of
         self._pepper = pepper
@@ -88,6 +91,7 @@ class StoreSyncService:
                 if address is not None:
                     current.setdefault((entry.medium, address), entry.mxid)
         except StoreError as e:
+            self._metrics.store_sync_errors.labels(store.name).inc()
             log.warning("syncing the %s store failed: %s", store.name, e)
             await self._copies.finish(store.name, self._clock.now_ms(), None, None, str(e))
             return None
@@ -102,6 +106,7 @@ class StoreSyncService:
         deletes = [key for key in copied if key not in current]
         await self._copies.apply(store.name, upserts, deletes, replace_all=rehash)
         await self._copies.finish(store.name, self._clock.now_ms(), pepper, len(current), None)
+        self._metrics.store_syncs.labels(store.name).inc()
         changed = sum(1 for m, a, _, _ in upserts if (m, a) in copied)
         result = SyncResult(store.name, len(current), len(upserts) - changed, changed, len(deletes))
         if upserts or deletes:
