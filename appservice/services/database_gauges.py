@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from appservice.clock import Clock
 from appservice.db.database import AppDatabase
@@ -45,7 +44,7 @@ class DatabaseGauges:
         self._metrics = metrics
         self._clock = clock
         self._max_age_s = max_age_s
-        self._read_at: float | None = None
+        self._read_at_ms: int | None = None
         self._lock = asyncio.Lock()
         self._failing = False
         # Kept between readings: the age is worked out at each scrape.
@@ -56,8 +55,8 @@ class DatabaseGauges:
         reading); a failure is logged once and the previous figures stay."""
         self._pool()
         async with self._lock:
-            now = time.monotonic()
-            if self._read_at is not None and now - self._read_at < self._max_age_s:
+            now_ms = self._clock.now_ms()
+            if self._read_at_ms is not None and now_ms - self._read_at_ms < self._max_age_s * 1000:
                 return
             try:
                 await asyncio.wait_for(self._read(), QUERY_TIMEOUT_S)
@@ -67,7 +66,7 @@ class DatabaseGauges:
                 self._failing = True
                 return
             self._failing = False
-            self._read_at = now
+            self._read_at_ms = now_ms
         oldest = self._oldest_pending_ms
         age_s = 0.0 if oldest is None else max(0, self._clock.now_ms() - oldest) / 1000
         self._metrics.onbind_oldest_pending_age.set(age_s)
