@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import RunningIdentityServer
 from tests.e2e.flows import (
@@ -17,6 +19,18 @@ from tests.e2e.flows import (
 from tests.support.synapse import SynapseServer
 
 pytestmark = pytest.mark.e2e
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a /metrics scrape, keyed by name and labels."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def test_users_are_registered_and_the_ping_round_trip_shows_in_health(
@@ -47,10 +61,37 @@ class TestRejection:
         self, synapse: SynapseServer, identity_server: RunningIdentityServer
     ) -> None:
         ids = identity_server
+        host, port = await ids.server.serve_metrics(port=0)
+        metrics_url = f"http://{host}:{port}/metrics"
         _, alice_hs, alice_is = await register_everywhere(synapse, ids, "alice_as")
         room_id = await create_room_and_invite(synapse, ids, alice_hs, alice_is, "zoe@example.org")
         expired_user = f"@_identity_invite_expired:{synapse.server_name}"
         await wait_for_member(synapse, alice_hs, room_id, expired_user, "leave")
+
+        # The same flow, as /metrics tells it (a fresh server: every counter started at 0).
+        def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+            return samples.get((f"matrix_identity_{name}", frozenset(labels.items())), 0.0)
+
+        async def rejected() -> bool:
+            samples = await scrape(metrics_url)
+            return value(samples, "expired_invites_rejected_total") == 1
+
+        await wait_until(rejected, "the rejection to be counted")
+        samples = await scrape(metrics_url)
+        assert value(samples, "store_invites_total") == 1
+        assert value(samples, "mails_sent_total", template="invite_email") == 1
+        assert value(samples, "invites", state="expired") == 1
+        assert value(samples, "invites", state="pending") == 0
+        assert value(samples, "appservice_transactions_total", result="recorded") >= 1
+        assert value(samples, "appservice_transactions_total", result="error") == 0
+        transactions = [
+            v
+            for (name, labels), v in samples.items()
+            if name == "matrix_identity_http_requests_total"
+            and ("listener", "appservice") in labels
+            and ("route", "/_matrix/app/v1/transactions/{transaction_id}") in labels
+        ]
+        assert sum(transactions) >= 1
 
         status, sync = await synapse.client_request("GET", "/_matrix/client/v3/sync", alice_hs)
         assert status == 200, sync
