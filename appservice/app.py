@@ -22,6 +22,7 @@ from appservice.api import (
     invites,
     keys,
     lookup,
+    msisdn_delegate,
     status,
     terms,
     v1,
@@ -500,6 +501,11 @@ class IdentityServer:
                 ipaddress.ip_network(n, strict=False) for n in self.config.listen.trusted_proxies
             ],
             v1_enabled=self.config.api.v1_enabled,
+            msisdn_delegate_enabled=self.config.api.msisdn_delegate.enabled,
+            msisdn_delegate_networks=[
+                ipaddress.ip_network(n, strict=False)
+                for n in self.config.api.msisdn_delegate.allowed_networks
+            ],
             invite_policy=self.invite_policy,
         )
         status.add_routes(app.router, ctx)
@@ -512,6 +518,8 @@ class IdentityServer:
         invites.add_routes(app.router, ctx)
         invite_proxy.add_routes(app.router, ctx)
         v1.add_routes(app.router, ctx)  # the key paths always, the lookups if enabled
+        # The v1 msisdn validation paths, for the SMS delegate or v1 (the one place for them).
+        msisdn_delegate.add_routes(app.router, ctx)
         return app
 
     def tls_context(self) -> ssl.SSLContext | None:

@@ -35,6 +35,9 @@ class ApiContext:
     render_page: Callable[..., str]
     trusted_proxies: Sequence[IPNetwork] = ()
     v1_enabled: bool = False
+    # The SMS delegate paths (api/msisdn_delegate.py): on, and who may call them (empty: anyone).
+    msisdn_delegate_enabled: bool = True
+    msisdn_delegate_networks: Sequence[IPNetwork] = ()
     # Checks and forwards the client-server endpoints that can make a 3PID invite.
     invite_policy: InvitePolicyService | None = None
 

@@ -390,13 +390,16 @@ def _validate(config: Config) -> None:
         raise ConfigError("invites.delivery.concurrency: must be at least 1")
     if config.session.max_attempts < 1:
         raise ConfigError("session.max_attempts: must be at least 1")
-    for i, network in enumerate(config.listen.trusted_proxies):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f'listen.trusted_proxies[{i}]: "{network}" is not a network'
-            ) from None
+    networks = {
+        "listen.trusted_proxies": config.listen.trusted_proxies,
+        "api.msisdn_delegate.allowed_networks": config.api.msisdn_delegate.allowed_networks,
+    }
+    for key, values in networks.items():
+        for i, network in enumerate(values):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f'{key}[{i}]: "{network}" is not a network') from None
     _validate_stores(config)
     _validate_invite_policy(config)
     for policy_id, policy in config.terms.policies.items():

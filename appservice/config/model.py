@@ -181,6 +181,14 @@ class RateLimitsConfig:
     register_per_ip: RateLimit = field(default_factory=lambda: RateLimit(60, Duration(3600)))
     # Addresses looked up by the legacy v1 lookup/bulk_lookup from one IP (api.v1_enabled).
     v1_lookup_per_ip: RateLimit = field(default_factory=lambda: RateLimit(1000, Duration(3600)))
+    # SMS delegate requestToken (api.msisdn_delegate) for one phone number.
+    msisdn_delegate_per_number: RateLimit = field(
+        default_factory=lambda: RateLimit(5, Duration(3600))
+    )
+    # SMS delegate requestToken from one calling address: a whole homeserver's budget.
+    msisdn_delegate_per_ip: RateLimit = field(
+        default_factory=lambda: RateLimit(1000, Duration(3600))
+    )
 
 
 @dataclass(frozen=True)
@@ -479,10 +487,20 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True)
+class MsisdnDelegateConfig:
+    """Being a homeserver's SMS delegate (Synapse's ``account_threepid_delegates.msisdn``)."""
+
+    enabled: bool = True
+    # Networks (CIDRs) of the homeservers allowed to call the delegate paths; empty: anyone.
+    allowed_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     """Which API generations are served."""
 
     v1_enabled: bool = False
+    msisdn_delegate: MsisdnDelegateConfig = field(default_factory=MsisdnDelegateConfig)
 
 
 @dataclass(frozen=True)

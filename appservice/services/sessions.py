@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # An email or an SMS, as the medium's ``prepare`` renders it for its ``send``.
 Message = TypeVar("Message", EmailMessage, SmsMessage)
 
+# The rate limits (``ratelimits`` names) a requestToken counts: per requester IP, per address.
+REQUEST_LIMITS = ("request_token_per_ip", "request_token_per_address")
+# The SMS delegate's (a homeserver relaying for all its users): a higher per-IP budget.
+DELEGATE_LIMITS = ("msisdn_delegate_per_ip", "msisdn_delegate_per_number")
+
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -129,8 +134,11 @@ class SessionService:
         send_attempt: int,
         next_link: str | None,
         requester_ip: str,
+        *,
+        delegate: bool = False,
     ) -> str:
-        """Start (or repeat) phone number validation; returns the session id."""
+        """Start (or repeat) phone number validation; returns the session id. ``delegate``: a
+        homeserver asks as its users' SMS delegate, counted under :data:`DELEGATE_LIMITS`."""
         self._require_enabled()
         self._check_client_secret(client_secret)
         msisdn = parse_phone_number(country, phone_number)
@@ -156,6 +164,7 @@ class SessionService:
         return await self._request(
             "msisdn", msisdn, client_secret, send_attempt, next_link, requester_ip,
             token=f"{secrets.randbelow(10**6):06d}", prepare=prepare, send=send,
+            limit_names=DELEGATE_LIMITS if delegate else REQUEST_LIMITS,
         )  # fmt: skip
 
     async def _request(
@@ -170,6 +179,7 @@ class SessionService:
         token: str,
         prepare: Callable[[str, str], Message],
         send: Callable[[Message, Gate | None], Awaitable[bool]],
+        limit_names: tuple[str, str] = REQUEST_LIMITS,
     ) -> str:
         """Create or re-send a session: ``prepare(sid, token)`` renders the message, ``send``
         sends it, delivering it only if its gate (storing the session) says yes."""
@@ -187,13 +197,10 @@ class SessionService:
             existing = None
         if existing is not None and send_attempt <= existing.send_attempt:
             return existing.sid  # a retry: same session, nothing sent
+        per_ip, per_address = limit_names
         limits: list[Event] = [
-            ("request_token_per_ip", requester_ip, self._limits.request_token_per_ip),
-            (
-                "request_token_per_address",
-                f"{medium}:{address}",
-                self._limits.request_token_per_address,
-            ),
+            (per_ip, requester_ip, getattr(self._limits, per_ip)),
+            (per_address, f"{medium}:{address}", getattr(self._limits, per_address)),
         ]
         # A client or address already known to be over its limit is refused before any sending.
         self._ratelimiter.refuse_if_exhausted(limits)
