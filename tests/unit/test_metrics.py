@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -9,7 +11,7 @@ from appservice.metrics import Metrics
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = metrics.exposition().decode()
+    text = asyncio.run(metrics.exposition()).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -34,7 +36,7 @@ def test_exposition_runs_scrape_hooks_for_database_gauges() -> None:
     metrics = Metrics()
     calls: list[int] = []
 
-    def hook() -> None:
+    async def hook() -> None:
         calls.append(1)
         metrics.invites.labels(state="pending").set(3)
         metrics.onbind_pending.set(5)
