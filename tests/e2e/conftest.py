@@ -67,13 +67,22 @@ def appservice_setup(tmp_path_factory: pytest.TempPathFactory) -> AppserviceSetu
 
 
 @pytest.fixture(scope="session")
+def msisdn_delegate_port() -> int:
+    """The port of the identity server that the session's Synapse uses as its SMS delegate
+    (``account_threepid_delegates.msisdn``); a test serves it by overriding ``identity_port``."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def synapse(
     tmp_path_factory: pytest.TempPathFactory,
     test_certificates: TestCertificates,
     appservice_setup: AppserviceSetup,
+    msisdn_delegate_port: int,
 ) -> Iterator[SynapseServer]:
     """One real Synapse for the whole test session, loading our appservice registration
-    (written by our own generator); fails loudly if it cannot run."""
+    (written by our own generator); fails loudly if it cannot run. Its SMS delegate is
+    ``https://localhost:<msisdn_delegate_port>`` (only phone number requests go there)."""
     venv = ensure_synapse_venv()
     server = SynapseServer(
         tmp_path_factory.mktemp("synapse"),
@@ -81,6 +90,9 @@ def synapse(
         venv=venv,
         app_service_config_files=[appservice_setup.registration],
         before_start=appservice_setup.write,
+        extra_config={
+            "account_threepid_delegates": {"msisdn": f"https://localhost:{msisdn_delegate_port}"}
+        },
     )
     server.start()
     try:
@@ -128,15 +140,23 @@ def identity_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
+def identity_port() -> int:
+    """The port of the identity server under test (override in a test module, e.g. with
+    ``msisdn_delegate_port`` to be Synapse's SMS delegate)."""
+    return free_port()
+
+
+@pytest.fixture
 async def identity_server(
     tmp_path: Path,
     synapse: SynapseServer,
     test_certificates: TestCertificates,
     identity_settings: dict[str, Any],
     appservice_setup: AppserviceSetup,
+    identity_port: int,
 ) -> AsyncIterator[RunningIdentityServer]:
     """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
-    port = free_port()
+    port = identity_port
     async with SmtpSink() as smtp:
         settings = {
             "server": {"name": f"localhost:{port}", "public_base_url": f"https://localhost:{port}"},
