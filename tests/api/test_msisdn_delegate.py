@@ -238,6 +238,19 @@ class TestSwitchedOffButV1On:
         assert (status, err["errcode"]) == (429, "M_LIMIT_EXCEEDED")
 
 
+class TestValidationDisabled:
+    @pytest.fixture
+    def config_yaml(self) -> str:
+        return "session: {policy: {validation: {enabled: false}}}"
+
+    async def test_request_and_submit_are_403_forbidden(self, api: Api) -> None:
+        status, err = await request_token(api)
+        assert (status, err["errcode"]) == (403, "M_FORBIDDEN")
+        status, err = await submit(api, "sid", "123456")
+        assert (status, err["errcode"]) == (403, "M_FORBIDDEN")
+        assert api.twilio.requests == []
+
+
 class TestAllowedNetworks:
     @pytest.fixture
     def config_yaml(self) -> str:
@@ -270,7 +283,7 @@ class TestAllowedNetworks:
         status, err = await request_token(api, headers=headers)
         assert (status, err["errcode"]) == (403, "M_FORBIDDEN")
 
-    @pytest.mark.parametrize("caller", ["203.0.113.7", "2001:db8::7"])
+    @pytest.mark.parametrize("caller", ["203.0.113.7", "2001:db8::7", "::ffff:203.0.113.7"])
     async def test_callers_inside_are_served(self, api: Api, caller: str) -> None:
         headers = {"X-Forwarded-For": caller}
         status, body = await request_token(api, headers=headers)
