@@ -61,15 +61,29 @@ class AppserviceStore:
         self._db = db
         self._queue = LeasedQueue(db, "appservice_actions", _COLUMNS, DONE, "done_ts")
 
-    async def record_transaction(self, txn_id: str, now_ms: int) -> bool:
-        """Remember a transaction; False when it was handled before."""
+    async def record_transaction(self, txn_id: str, events_digest: str, now_ms: int) -> bool:
+        """Remember a transaction by its id and the digest of its events; False when this id
+        came with these events before (a retry). The same id with other events is new: a
+        homeserver may number its transactions from 1 again after a restart."""
         row = await self._db.fetchrow(
-            "INSERT INTO appservice_transactions (txn_id, received_ts) VALUES ($1, $2)"
-            " ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id",
+            "INSERT INTO appservice_transactions (txn_id, events_digest, received_ts)"
+            " VALUES ($1, $2, $3)"
+            " ON CONFLICT (txn_id, events_digest) DO NOTHING RETURNING txn_id",
             txn_id,
+            events_digest,
             now_ms,
         )
         return row is not None
+
+    async def transaction_id_seen_with_other_events(self, txn_id: str, events_digest: str) -> bool:
+        """Whether ``txn_id`` was recorded with events other than ``events_digest``."""
+        value = await self._db.fetchval(
+            "SELECT 1 FROM appservice_transactions WHERE txn_id = $1 AND events_digest <> $2"
+            " LIMIT 1",
+            txn_id,
+            events_digest,
+        )
+        return value is not None
 
     async def add_action(
         self,
@@ -160,7 +174,7 @@ class AppserviceStore:
         return len(rows)
 
     async def purge_transactions(self, before_ms: int) -> int:
-        """Forget transaction ids older than ``before_ms`` (the homeserver stopped retrying)."""
+        """Forget transactions received before ``before_ms`` (the homeserver stopped retrying)."""
         rows = await self._db.fetch(
             "DELETE FROM appservice_transactions WHERE received_ts < $1 RETURNING txn_id",
             before_ms,

@@ -1,12 +1,20 @@
 """What the inviteExpired user does: turn invites to it into rejections with a reason.
 
-Transactions from the homeserver are recorded here (handled ids, and one action per invite or
-join of the inviteExpired user) in one database transaction; a job performs the actions.
+Transactions from the homeserver are recorded here (handled ids with the digest of their events,
+and one action per invite or join of the inviteExpired user) in one database transaction; a job
+performs the actions.
+
+A transaction is a retry only if its id came before *with the same events*: Synapse on SQLite
+numbers its transactions from 1 again after a restart (its sequence starts from the largest id
+still in its table, and delivered transactions are deleted), so an id alone would make every
+transaction after such a restart look handled, and it would be dropped.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,6 +30,21 @@ log = logging.getLogger(__name__)
 
 # Handled transaction ids are kept this long (the homeserver stops retrying long before).
 TRANSACTION_MEMORY_S = 7 * 86400
+
+
+def events_digest(events: list[dict[str, Any]]) -> str:
+    """What tells a transaction's events apart: SHA-256 over the sorted digests of each event's
+    ``event_id`` (or, for an event without one, of its canonical JSON). The order of the events
+    does not matter; how often one occurs does."""
+    parts = []
+    for event in events:
+        event_id = event.get("event_id")
+        if isinstance(event_id, str):
+            item = "id:" + event_id
+        else:
+            item = "json:" + json.dumps(event, sort_keys=True, separators=(",", ":"))
+        parts.append(hashlib.sha256(item.encode("utf-8", "surrogatepass")).digest())
+    return hashlib.sha256(b"".join(sorted(parts))).hexdigest()
 
 
 _UNITS = (("day", 86400), ("hour", 3600), ("minute", 60))
@@ -68,13 +91,20 @@ class ExpiredInviteService:
         self.on_recorded: Callable[[], None] = lambda: None
 
     async def handle_transaction(self, txn_id: str, events: list[dict[str, Any]]) -> None:
-        """Record a homeserver transaction; a retried one is a no-op."""
+        """Record a homeserver transaction; a retried one (same id, same events) is a no-op."""
         now = self._clock.now_ms()
+        digest = events_digest(events)
         recorded = 0
         async with self._db.transaction():
-            if not await self._store.record_transaction(txn_id, now):
+            if not await self._store.record_transaction(txn_id, digest, now):
                 log.info("transaction %s was already handled", txn_id)
                 return
+            if await self._store.transaction_id_seen_with_other_events(txn_id, digest):
+                log.info(
+                    "transaction %s reuses an id with other events (the homeserver restarted?):"
+                    " handling it",
+                    txn_id,
+                )
             for event in events:
                 action = self._action_for(event)
                 if action is None:
@@ -149,7 +179,7 @@ class ExpiredInviteService:
         )
 
     async def purge(self) -> int:
-        """Forget old transaction ids and old finished actions."""
+        """Forget old transactions and old finished actions."""
         cutoff = self._clock.now_ms() - TRANSACTION_MEMORY_S * 1000
         return await self._store.purge_transactions(
             cutoff
