@@ -42,6 +42,7 @@ from appservice.db.accounts import AccountStore
 from appservice.db.appservice import AppserviceStore
 from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
+from appservice.db.destinations import DestinationStore
 from appservice.db.invites import InviteStore
 from appservice.db.outbox import PENDING as OUTBOX_PENDING
 from appservice.db.outbox import OutboxStore
@@ -74,7 +75,7 @@ from appservice.services.delivery import OnbindDelivery
 from appservice.services.expired_invites import ExpiredInviteService
 from appservice.services.health import HealthCheck
 from appservice.services.invite_policy import InvitePolicyService
-from appservice.services.invites import InviteService
+from appservice.services.invites import SIGN_ED25519_V1, SIGN_ED25519_V2, InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
 from appservice.services.ratelimits import RateLimiter
@@ -83,6 +84,7 @@ from appservice.services.store_sync import StoreSyncService
 from appservice.services.terms import TermsService
 
 if TYPE_CHECKING:
+    from appservice.matrix.actions import RoomActionWorker
     from appservice.matrix.appservice import IdentityAppService
 
 log = logging.getLogger(__name__)
@@ -238,6 +240,7 @@ class IdentityServer:
             clock=self.clock,
             stores=self.stores,
             metrics=self.metrics,
+            sign_ed25519_path=SIGN_ED25519_V1 if config.api.v1_enabled else SIGN_ED25519_V2,
         )
         self.invite_policy = InvitePolicyService(
             config.invites.policy,
@@ -251,8 +254,7 @@ class IdentityServer:
             self.federation,
             delivery,
             self.clock,
-            # The claim on a row must outlast an attempt, whose length is the request timeout.
-            request_timeout_s=float(config.federation.timeout),
+            destinations=DestinationStore(self.db),
             metrics=self.metrics,
         )
         self.delivery_job = PeriodicJob(
@@ -297,6 +299,7 @@ class IdentityServer:
             expire_after_s=float(config.invites.expiration.after),
         )
         self.matrix: IdentityAppService | None = None
+        self.action_worker: RoomActionWorker | None = None
         self.appservice_status: dict[str, Any] = {"enabled": config.appservice.enabled}
         self.health_check = HealthCheck(self.db, self.appservice_status)
         self.database_gauges = DatabaseGauges(
@@ -381,6 +384,11 @@ class IdentityServer:
                 f"{in_flight - cut_off} request(s) in flight finished"
                 + (f", {cut_off} cut off" if cut_off else "")
             )
+        # Queue workers start nothing new from here on; what they claimed and did not start is
+        # given back below, so that another instance (or the next start) takes it at once.
+        self.delivery.stop_claiming()
+        if self.action_worker is not None:
+            self.action_worker.stop_claiming()
         stopped: list[str] = []
         for job in self.jobs:
             if job.running:
@@ -396,6 +404,9 @@ class IdentityServer:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         if self._db_open:  # count what the next start (of any instance) will deliver
+            released = await self._release_claims()
+            if released:
+                summary.append(released)
             summary.append(await self._onbind_left())
             self._db_open = False
         await self.email.close()
@@ -406,6 +417,19 @@ class IdentityServer:
         await self.db.stop()
         if summary:
             log.info("stopped: %s", "; ".join(summary))
+
+    async def _release_claims(self) -> str:
+        """Give back the rows this instance's workers claimed and did not finish."""
+        try:
+            onbinds = await asyncio.wait_for(self.delivery.release_claims(), 5.0)
+            actions = 0
+            if self.action_worker is not None:
+                actions = await asyncio.wait_for(self.action_worker.release_claims(), 5.0)
+        except Exception as e:  # stopping anyway: their leases run out soon
+            return f"claims not released ({type(e).__name__}: {e}); their leases run out"
+        if not onbinds and not actions:
+            return ""
+        return f"released {onbinds} claimed onbind notification(s) and {actions} room action(s)"
 
     async def _onbind_left(self) -> str:
         try:
@@ -440,7 +464,7 @@ class IdentityServer:
             ) from None
         self.matrix = matrix
         log.info("appservice listening on %s:%d", config.listen.host, config.listen.port)
-        worker = RoomActionWorker(
+        self.action_worker = worker = RoomActionWorker(
             self.appservice_store,
             lambda user_id: matrix.intent.user(UserID(user_id)),
             self.clock,

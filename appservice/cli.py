@@ -19,6 +19,7 @@ from appservice.clock import Clock
 from appservice.config import Config, ConfigError, load_config
 from appservice.crypto.signing import KeyFileError, KeyRing
 from appservice.db.database import AppDatabase, DatabaseError
+from appservice.db.destinations import Destination, DestinationStore
 from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
 from appservice.db.outbox import PENDING as QUEUED
@@ -391,12 +392,28 @@ async def _list_invites(
     return [(invite, await outbox.for_invite(invite.id)) for invite in invites]
 
 
-def _summary(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
+def _homeserver_state(entries: Sequence[OutboxEntry], backed_off: dict[str, Destination]) -> str:
+    """Whether the homeserver a queued notification waits for is backed off."""
+    for entry in entries:
+        if entry.state == QUEUED and entry.destination in backed_off:
+            down = backed_off[entry.destination]
+            return f"backed off ({down.failures} failures, next probe {_iso(down.retry_at)})"
+    return ""
+
+
+async def _backed_off(db: AppDatabase) -> dict[str, Destination]:
+    return {d.destination: d for d in await DestinationStore(db).backed_off()}
+
+
+def _summary(
+    invite: Invite, entries: Sequence[OutboxEntry], backed_off: dict[str, Destination]
+) -> dict[str, Any]:
     """A row of ``invites list``; the invitee only as its redacted display name."""
     return {
         "id": invite.id,
         "state": invite.state,
         "delivery": delivery_state(entries),
+        "homeserver": _homeserver_state(entries, backed_off),
         "created": _iso(invite.created_ts),
         "room_id": invite.room_id,
         "sender": invite.sender,
@@ -405,21 +422,34 @@ def _summary(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
     }
 
 
-def _entry_details(entry: OutboxEntry) -> dict[str, Any]:
+def _entry_details(entry: OutboxEntry, backed_off: dict[str, Destination]) -> dict[str, Any]:
+    down = backed_off.get(entry.destination)
     return {
         "id": entry.id,
         "destination": entry.destination,
+        "homeserver": None
+        if down is None
+        else {
+            "state": "backed off",
+            "failures": down.failures,
+            "next_probe": _iso(down.retry_at),
+            "last_error": down.last_error,
+            "failing_since": _iso(down.last_failure_ts),
+        },
         "state": entry.state,
         "attempts": entry.attempts,
         "last_error": entry.last_error,
         "created": _iso(entry.created_ts),
         "next_attempt": _iso(entry.next_attempt_ts) if entry.state == QUEUED else None,
         "claimed_until": _iso(entry.claimed_until),
+        "claimed_by": entry.claimed_by,
         "delivered": _iso(entry.delivered_ts),
     }
 
 
-def _details(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
+def _details(
+    invite: Invite, entries: Sequence[OutboxEntry], backed_off: dict[str, Destination]
+) -> dict[str, Any]:
     """Everything ``invites show`` tells about an invite (the full address included)."""
     return {
         "id": invite.id,
@@ -436,7 +466,7 @@ def _details(invite: Invite, entries: Sequence[OutboxEntry]) -> dict[str, Any]:
         "token": invite.token,
         "ephemeral_public_key": invite.ephemeral_public_key,
         "details": dict(sorted(invite.details.items())),
-        "outbox": [_entry_details(entry) for entry in entries],
+        "outbox": [_entry_details(entry, backed_off) for entry in entries],
     }
 
 
@@ -470,8 +500,19 @@ def _print_invite(info: dict[str, Any]) -> None:
         shown = ["state", "attempts", "last_error", "created"]
         shown.append("delivered" if entry["state"] == DELIVERED else "next_attempt")
         if entry["claimed_until"] is not None:
-            shown.append("claimed_until")
-        _print_fields([(name.replace("_", " "), entry[name]) for name in shown], indent="  ")
+            shown += ["claimed_until", "claimed_by"]
+        fields = [(name.replace("_", " "), entry[name]) for name in shown]
+        down = entry["homeserver"]
+        if down is not None and entry["state"] == QUEUED:
+            fields.append(
+                (
+                    "homeserver",
+                    f"backed off: {down['failures']} failures in a row since"
+                    f" {down['failing_since']}, next probe {down['next_probe']},"
+                    f" last error {down['last_error']}",
+                )
+            )
+        _print_fields(fields, indent="  ")
 
 
 def _print_json(value: object) -> None:
@@ -484,7 +525,8 @@ async def _invites(config: Config, args: argparse.Namespace) -> int:
         action: str = args.invites_command
         if action == "list":
             found = await _list_invites(server.db, args.filter, args.limit)
-            rows = [_summary(invite, entries) for invite, entries in found]
+            backed_off = await _backed_off(server.db)
+            rows = [_summary(invite, entries, backed_off) for invite, entries in found]
             if args.json:
                 _print_json(rows)
             else:
@@ -497,7 +539,8 @@ async def _invites(config: Config, args: argparse.Namespace) -> int:
             return 1
         outbox = OutboxStore(server.db)
         if action == "show":
-            info = _details(invite, await outbox.for_invite(invite.id))
+            backed_off = await _backed_off(server.db)
+            info = _details(invite, await outbox.for_invite(invite.id), backed_off)
             if args.json:
                 _print_json(info)
             else:

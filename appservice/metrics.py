@@ -128,6 +128,11 @@ class Metrics:
             "Age of the oldest onbind notification waiting.",
             registry=r,
         )
+        self.onbind_homeservers_backed_off = Gauge(
+            f"{p}_onbind_homeservers_backed_off",
+            "Homeservers that do not answer and are probed one request at a time.",
+            registry=r,
+        )
         self.onbind_attempts = Counter(
             f"{p}_onbind_attempts", "Onbind delivery attempts.", registry=r
         )

@@ -435,6 +435,8 @@ def _validate_durations(config: Config) -> None:
     intervals = {
         "invites.delivery.poll_interval": delivery.poll_interval,
         "invites.delivery.retry_initial": delivery.retry_initial,
+        "invites.delivery.homeserver_retry_initial": delivery.homeserver_retry_initial,
+        "invites.delivery.lease": delivery.lease,
         "invites.expiration.check_interval": invites.expiration.check_interval,
         "invites.resolution_interval": invites.resolution_interval,
     }
@@ -443,6 +445,10 @@ def _validate_durations(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 100ms")
     if delivery.retry_max < delivery.retry_initial:
         raise ConfigError("invites.delivery.retry_max: must be at least retry_initial")
+    if delivery.homeserver_retry_max < delivery.homeserver_retry_initial:
+        raise ConfigError(
+            "invites.delivery.homeserver_retry_max: must be at least homeserver_retry_initial"
+        )
     positive = {
         "invites.delivery.give_up_after": delivery.give_up_after,
         "invites.expiration.after": invites.expiration.after,

@@ -209,9 +209,19 @@ class ExpirationConfig:
 class DeliveryConfig:
     """Durable delivery of onbind notifications to homeservers."""
 
-    # First retry delay; it doubles after each failure up to retry_max.
+    # A notification the homeserver answered with an error other than "unavailable" (e.g. 500)
+    # is retried after retry_initial, doubling after each failure up to retry_max.
     retry_initial: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
     retry_max: Duration = Duration(3600)  # noqa: RUF009 (an immutable float)
+    # A homeserver that does not answer (network, timeout, 408/429/502/503/504) is backed off as
+    # a whole and probed with one request, first after homeserver_retry_initial, doubling up to
+    # homeserver_retry_max: its queue goes out at most that long after it answers again.
+    homeserver_retry_initial: Duration = Duration(2)  # noqa: RUF009 (an immutable float)
+    homeserver_retry_max: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
+    # How long a worker's claim on a notification lasts without a heartbeat (renewed every
+    # third of it while the worker runs): a killed instance's notifications go out this long
+    # (plus poll_interval) after it died.
+    lease: Duration = Duration(10)  # noqa: RUF009 (an immutable float)
     # A notification not delivered this long after it was queued is marked failed.
     give_up_after: Duration = Duration(3 * 86400)  # noqa: RUF009 (an immutable float)
     # How often the outbox is polled (a bind on this instance wakes it at once).

@@ -111,19 +111,31 @@ class AppserviceStore:
         )
         return row is not None
 
-    async def claim_due(self, now_ms: int, lease_ms: int, limit: int) -> list[RoomAction]:
-        """Claim due actions for this worker until ``now + lease`` (see LeasedQueue)."""
-        rows = await self._queue.claim_due(now_ms, lease_ms, limit)
+    async def claim_due(
+        self, owner: str, now_ms: int, lease_ms: int, limit: int
+    ) -> list[RoomAction]:
+        """Claim due actions for ``owner`` until ``now + lease`` (see LeasedQueue)."""
+        rows = await self._queue.claim_due(owner, now_ms, lease_ms, limit)
         return sorted((_action(row) for row in rows), key=lambda a: (a.created_ts, a.id))
 
-    async def renew_claim(self, action: RoomAction, new_until: int) -> bool:
-        """Extend this worker's claim before performing it; False if the claim was lost."""
-        if action.claimed_until is None:
-            return False
-        return await self._queue.renew_claim(action.id, action.claimed_until, new_until)
+    async def renew_claim(self, action: RoomAction, owner: str, new_until: int) -> bool:
+        """Extend ``owner``'s claim before performing it; False if the claim was lost."""
+        return await self._queue.renew_claim(action.id, owner, new_until)
+
+    async def heartbeat(self, owner: str, new_until: int) -> int:
+        """Extend the leases of everything ``owner`` holds."""
+        return await self._queue.heartbeat(owner, new_until)
+
+    async def release(self, owner: str) -> int:
+        """Give back everything ``owner`` holds and has not finished."""
+        return await self._queue.release(owner)
+
+    async def claimed_count(self) -> int:
+        """Actions claimed now, by any worker."""
+        return await self._queue.claimed_count()
 
     async def mark_done(
-        self, action_id: str, attempts: int, now_ms: int, *, claim: int | None = None
+        self, action_id: str, attempts: int, now_ms: int, *, claim: str | None = None
     ) -> bool:
         """The action was performed (or turned out to be unnecessary)."""
         return await self._queue.finish(action_id, attempts, now_ms, claim=claim)
@@ -135,13 +147,13 @@ class AppserviceStore:
         next_attempt_ts: int,
         error: str,
         *,
-        claim: int | None = None,
+        claim: str | None = None,
     ) -> bool:
         """It failed for now; try again later."""
         return await self._queue.retry(action_id, attempts, next_attempt_ts, error, claim=claim)
 
     async def mark_failed(
-        self, action_id: str, attempts: int, error: str, *, claim: int | None = None
+        self, action_id: str, attempts: int, error: str, *, claim: str | None = None
     ) -> bool:
         """It cannot be done."""
         return await self._queue.fail(action_id, attempts, error, claim=claim)

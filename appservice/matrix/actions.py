@@ -8,6 +8,7 @@ reason as ``m.notice`` and leaves. Homeserver errors are retried with exponentia
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +17,15 @@ from mautrix.types import RoomID, UserID
 
 from appservice.clock import Clock
 from appservice.db.appservice import LEAVE, REJECT, AppserviceStore, RoomAction
+from appservice.jobs.heartbeat import heartbeat
 from appservice.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _BATCH = 50
-_LEASE_MS = 10 * 60 * 1000
+# Renewed every third of it while the worker runs: a killed instance's actions are taken over
+# this long after it died.
+LEASE_S = 15.0
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 15 * 60.0
 GIVE_UP_AFTER_S = 3 * 86400.0
@@ -38,28 +42,50 @@ class RoomActionWorker:
         *,
         post_notice: bool = False,
         metrics: Metrics | None = None,
+        owner: str | None = None,
     ) -> None:
         self._store = store
+        # Who holds the claims of this worker: one id per process.
+        self.owner = owner or f"actions-{secrets.token_hex(6)}"
+        self._lease_ms = int(LEASE_S * 1000)
+        self._stopping = False
         self._metrics = metrics if metrics is not None else Metrics()
         self._intent_for = intent_for
         self._clock = clock
         self._post_notice = post_notice
 
+    def stop_claiming(self) -> None:
+        """Claim nothing more and start no claimed action (a stop is coming)."""
+        self._stopping = True
+
+    async def release_claims(self) -> int:
+        """Give back every action this worker claimed and did not finish; how many."""
+        return await self._store.release(self.owner)
+
+    async def _renew_leases(self) -> None:
+        await self._store.heartbeat(self.owner, self._clock.now_ms() + self._lease_ms)
+
     async def perform_due(self) -> int:
         """Perform every due action, one after the other; returns how many were done."""
         done = 0
-        while True:
-            batch = await self._store.claim_due(self._clock.now_ms(), _LEASE_MS, _BATCH)
-            for action in batch:
-                done += await self._perform(action)
-            if len(batch) < _BATCH:
-                return done
+        async with heartbeat("room actions", self._renew_leases, LEASE_S / 3):
+            while not self._stopping:
+                batch = await self._store.claim_due(
+                    self.owner, self._clock.now_ms(), self._lease_ms, _BATCH
+                )
+                for action in batch:
+                    if self._stopping:
+                        break  # the rest is given back by release_claims
+                    done += await self._perform(action)
+                if len(batch) < _BATCH:
+                    break
+        return done
 
     async def _perform(self, action: RoomAction) -> int:
         # Renewed right before the attempt: the batch is worked through one by one, and a row
         # whose claim lapsed meanwhile may be another instance's now.
-        claim = self._clock.now_ms() + _LEASE_MS
-        if not await self._store.renew_claim(action, claim):
+        claim = self.owner
+        if not await self._store.renew_claim(action, claim, self._clock.now_ms() + self._lease_ms):
             return 0
         attempts = action.attempts + 1
         intent = self._intent_for(action.user_id)
@@ -112,7 +138,7 @@ class RoomActionWorker:
         await intent.leave_room(room_id)
 
     async def _retry_or_fail(
-        self, action: RoomAction, claim: int, attempts: int, reason: str
+        self, action: RoomAction, claim: str, attempts: int, reason: str
     ) -> None:
         now = self._clock.now_ms()
         delay_s = min(RETRY_MAX_S, RETRY_INITIAL_S * 2 ** (attempts - 1))

@@ -14,6 +14,7 @@ import logging
 
 from appservice.clock import Clock
 from appservice.db.database import AppDatabase
+from appservice.db.destinations import DestinationStore
 from appservice.db.invites import BOUND, EXPIRED, PENDING, InviteStore
 from appservice.db.outbox import OutboxStore
 from appservice.metrics import Metrics
@@ -77,6 +78,8 @@ class DatabaseGauges:
             self._metrics.invites.labels(state).set(counts.get(state, 0))
         pending, self._oldest_pending_ms = await self._outbox.pending_summary()
         self._metrics.onbind_pending.set(pending)
+        backed_off = await DestinationStore(self._db).backed_off_count()
+        self._metrics.onbind_homeservers_backed_off.set(backed_off)
 
     def _pool(self) -> None:
         """The pool's figures are in memory: always current."""

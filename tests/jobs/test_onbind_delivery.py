@@ -13,6 +13,7 @@ import pytest
 
 from appservice.app import IdentityServer
 from appservice.clock import FakeClock
+from appservice.db.destinations import DestinationStore
 from appservice.db.invites import PENDING as INVITE_PENDING
 from appservice.db.invites import Invite
 from appservice.db.outbox import DELIVERED, FAILED, PENDING, OutboxStore
@@ -115,26 +116,35 @@ async def test_server_errors_are_retried_with_backoff_until_delivered(
     assert len(api.homeserver.onbind_bodies) == 3
 
 
-@pytest.mark.parametrize("status", [408, 429, 502, 503])
-async def test_transient_statuses_are_retried(api: Api, clock: FakeClock, status: int) -> None:
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504])
+async def test_unavailable_statuses_back_the_homeserver_off(
+    api: Api, clock: FakeClock, status: int
+) -> None:
     pending = await queued_onbind(api)
     api.homeserver.onbind_statuses = [status]
     assert await deliver(api) == 0
     [entry] = await outbox_of(api, pending.id)
     assert (entry.state, entry.attempts) == (PENDING, 1)
-    clock.advance(10)
+    down = await DestinationStore(api.server.db).get("hs.test")
+    assert down is not None and down.failures == 1
+    assert down.retry_at == clock.now_ms() + 2_000  # homeserver_retry_initial
+    clock.advance(1)
+    assert await deliver(api) == 0  # its next probe is not due
+    clock.advance(1)
     assert await deliver(api) == 1
+    up = await DestinationStore(api.server.db).get("hs.test")
+    assert up is not None and (up.failures, up.last_success_ts) == (0, clock.now_ms())
 
 
-async def test_unreachable_homeserver_is_retried_until_it_is_back(
+async def test_unreachable_homeserver_is_probed_until_it_is_back(
     api: Api, clock: FakeClock
 ) -> None:
     pending = await queued_onbind(api)
     await api.homeserver.go_down()
     try:
-        assert await deliver(api) == 0
-        clock.advance(10)
-        assert await deliver(api) == 0
+        assert await deliver(api) == 0  # next probe in 2 s
+        clock.advance(2)
+        assert await deliver(api) == 0  # next probe in 4 s
         [entry] = await outbox_of(api, pending.id)
         assert (entry.state, entry.attempts) == (PENDING, 2)
         assert entry.last_error is not None
@@ -143,13 +153,60 @@ async def test_unreachable_homeserver_is_retried_until_it_is_back(
     finally:
         await api.homeserver.come_up()
 
-    clock.advance(19)  # back up, but the retry is not due yet
+    clock.advance(3)  # back up, but the next probe is not due yet
     assert await deliver(api) == 0
     clock.advance(1)
     assert await deliver(api) == 1
     [entry] = await outbox_of(api, pending.id)
     assert (entry.state, entry.attempts) == (DELIVERED, 3)
     assert len(api.homeserver.onbind_accepted) == 1
+
+
+async def test_a_homeserver_down_for_long_gets_one_probe_per_interval_and_drains_at_once(
+    api: Api, clock: FakeClock
+) -> None:
+    for n in range(30):
+        await invite(api, f"guest{n}@example.com")
+        await api.add_binding("email", f"guest{n}@example.com", f"@guest{n}:hs.test")
+    assert await api.server.resolution_job.run_once() == 30
+    await api.homeserver.go_down()
+
+    async def attempts() -> int:
+        return int(await api.server.db.fetchval("SELECT SUM(attempts) FROM onbind_outbox"))
+
+    try:
+        # An hour of outage, the job running every poll_interval (5 s). The run that finds it
+        # down has at most `concurrency` (8) requests in flight; after that, one probe at a time.
+        for run in range(3600 // 5):
+            before = await attempts()
+            assert await deliver(api) == 0
+            assert await attempts() - before <= (8 if run == 0 else 1)
+            clock.advance(5)
+        requests_while_down = await attempts()
+    finally:
+        await api.homeserver.come_up()
+    # One probe per homeserver_retry_max (10 s), after the first doublings (2, 4, 8 s).
+    assert 3600 // 10 - 5 <= requests_while_down <= 3600 // 10 + 8
+    # Back: the next probe is due within homeserver_retry_max, and its success sends the queue.
+    clock.advance(10)
+    assert await deliver(api) == 30
+    assert len(api.homeserver.onbind_accepted) == 30
+    assert await DestinationStore(api.server.db).backed_off() == []
+
+
+async def test_an_internal_server_error_backs_off_only_that_notification(
+    api: Api, clock: FakeClock
+) -> None:
+    first = await queued_onbind(api)
+    api.homeserver.onbind_statuses = [500]
+    assert await deliver(api) == 0
+    second = await queued_onbind(api, "carol@example.com", "@carol:hs.test")
+    assert await deliver(api) == 1  # the homeserver answers: not backed off
+    assert await DestinationStore(api.server.db).get("hs.test") is None
+    [entry] = await outbox_of(api, first.id)
+    assert (entry.state, entry.attempts) == (PENDING, 1)
+    [entry] = await outbox_of(api, second.id)
+    assert entry.state == DELIVERED
 
 
 async def test_permanent_refusal_fails_the_notification_until_retried(
@@ -185,7 +242,7 @@ class TestGiveUp:
         self, api: Api, clock: FakeClock
     ) -> None:
         pending = await queued_onbind(api)
-        api.homeserver.onbind_statuses = [503] * 10
+        api.homeserver.onbind_statuses = [500] * 10
         assert await deliver(api) == 0  # t0, next at t0+10
         clock.advance(10)
         assert await deliver(api) == 0  # t0+10, next at t0+30
@@ -194,7 +251,7 @@ class TestGiveUp:
         [entry] = await outbox_of(api, pending.id)
         assert (entry.state, entry.attempts) == (FAILED, 3)
         assert (
-            entry.last_error == "gave up after 3 attempts: HTTP 503 M_UNKNOWN: planned failure 503"
+            entry.last_error == "gave up after 3 attempts: HTTP 500 M_UNKNOWN: planned failure 500"
         )
         clock.advance(3600)
         assert await deliver(api) == 0

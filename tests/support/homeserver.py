@@ -9,6 +9,7 @@ refused) and brought back up on the same port, and anything else is a 404 like a
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,10 @@ class FakeHomeserver(LoopbackServer):
         # Answers to the next onbind requests, consumed in order: a status (with an M_UNKNOWN
         # error body unless 2xx) or (status, body). When empty: 200 {}.
         self.onbind_statuses: list[int | tuple[int, Any]] = []
+        # Seconds each onbind takes to be answered (a slow homeserver).
+        self.onbind_delay_s = 0.0
+        # time.monotonic() at the arrival of each onbind request.
+        self.onbind_arrivals: list[float] = []
         self._changed = asyncio.Condition()
 
     @property
@@ -69,7 +74,10 @@ class FakeHomeserver(LoopbackServer):
 
     async def _onbind(self, request: web.Request) -> web.Response:
         self.requests.append((request.method, request.path))
+        self.onbind_arrivals.append(time.monotonic())
         body = await request.json()
+        if self.onbind_delay_s:
+            await asyncio.sleep(self.onbind_delay_s)
         status, answer = 200, {}
         if self.onbind_statuses:
             planned = self.onbind_statuses.pop(0)
