@@ -378,3 +378,46 @@ async def test_a_recorded_rejection_is_performed_in_the_background(
 
     await wait_until(done, "the action to be marked done")
     assert (await the_action(api)).event_id == event["event_id"]
+
+
+class _HangingIntent:
+    """An intent whose first leave waits until released (an action in flight at the stop)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.left: list[str] = []
+
+    async def ensure_registered(self) -> None:
+        return None
+
+    async def leave_room(self, room_id: str, reason: str | None = None) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.left.append(room_id)
+
+
+async def test_a_stopping_worker_finishes_what_it_started_and_gives_back_the_rest(
+    quiet: Api, homeserver_side: HomeserverSide, client_api: FakeClientApi, clock: FakeClock
+) -> None:
+    for n in range(6):
+        await record_invite(homeserver_side, f"!room{n}:hs.test")
+        clock.advance(1)
+    intent = _HangingIntent()
+    stopping = RoomActionWorker(quiet.server.appservice_store, lambda _user: intent, clock)
+    run = asyncio.create_task(stopping.perform_due())
+    await asyncio.wait_for(intent.started.wait(), 5)
+    store = quiet.server.appservice_store
+    assert await store.claimed_count() == 6  # the whole batch is claimed
+
+    stopping.stop_claiming()
+    intent.release.set()
+    assert await asyncio.wait_for(run, 5) == 1  # the one in flight finished
+    assert await stopping.release_claims() == 5
+    assert await store.claimed_count() == 0
+    assert intent.left == ["!room0:hs.test"]
+
+    # Another instance performs the rest at once: no lease to wait for.
+    assert await perform(quiet) == 5
+    states = sorted(a.state for a in await actions_of(quiet.server))
+    assert states == [DONE] * 6
