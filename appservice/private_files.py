@@ -5,6 +5,7 @@ A directory the operator made is left as it is: only the directories created her
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -62,7 +63,5 @@ def _keep_ownership(fd: int, before: os.stat_result) -> None:
     try:
         os.fchown(fd, before.st_uid, before.st_gid)
     except PermissionError:  # not root: a group of ours can still be kept
-        try:
+        with contextlib.suppress(PermissionError):
             os.fchown(fd, -1, before.st_gid)
-        except PermissionError:
-            pass
