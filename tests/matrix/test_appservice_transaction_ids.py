@@ -216,7 +216,11 @@ async def test_concurrent_transactions_with_one_id(
 
 
 async def test_after_our_restart_a_retry_is_still_recognised_and_new_events_are_not(
-    tmp_path: Path, database_url: str, client_api: FakeClientApi, clock: FakeClock
+    tmp_path: Path,
+    database_url: str,
+    client_api: FakeClientApi,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = make_config(
         tmp_path, database_url, {}, yaml.safe_dump({"appservice": appservice_settings(client_api)})
@@ -238,7 +242,7 @@ async def test_after_our_restart_a_retry_is_still_recognised_and_new_events_are_
                 answers.append(await record(txn_id, digest, now_ms))
                 return answers[-1]
 
-            store.record_transaction = spy  # type: ignore[method-assign]
+            monkeypatch.setattr(store, "record_transaction", spy)
             async with aiohttp.ClientSession() as session:
                 assert client_api.appservice_url is not None
                 side = HomeserverSide(session, client_api.appservice_url, client_api.hs_token)
