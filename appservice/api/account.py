@@ -24,13 +24,16 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
     async def register(request: web.Request) -> web.Response:
         body = await json_body(request)
-        require_fields(body, "access_token", "token_type", "matrix_server_name", "expires_in")
+        # Only what is checked is required: the token, verified with the homeserver. Clients
+        # and tools that send just {access_token, matrix_server_name} are served (as by
+        # sydent); token_type defaults to Bearer and expires_in is checked only when given.
+        require_fields(body, "access_token", "matrix_server_name")
         openid_token = string_field(body, "access_token")
-        token_type = string_field(body, "token_type")
         server_name = string_field(body, "matrix_server_name")
-        int_field(body, "expires_in")
-        if token_type != "Bearer":
+        if body.get("token_type") is not None and string_field(body, "token_type") != "Bearer":
             raise invalid_param("token_type must be Bearer")
+        if body.get("expires_in") is not None:
+            int_field(body, "expires_in")
         token = await ctx.accounts.register(
             openid_token, server_name, client_ip(request, ctx.trusted_proxies)
         )

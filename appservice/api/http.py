@@ -223,8 +223,8 @@ def access_token(request: web.Request) -> str | None:
 
 
 # A query parameter whose decoded, lower-cased name contains one of these is a secret
-# (access_token, id_access_token, token, client_secret, ...).
-_SECRET_NAME_PARTS = ("token", "secret", "password")
+# (access_token, id_access_token, token, client_secret, private_key, ...).
+_SECRET_NAME_PARTS = ("token", "secret", "password", "private")
 _QUERY_SEPARATORS = re.compile(r"([&;])")
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from appservice.api.context import ApiContext
 from appservice.api.http import (
+    Handler,
     client_ip,
     html_response,
     int_field,
@@ -72,20 +73,6 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         )
         return json_response({"success": True})
 
-    async def submit_token_link(request: web.Request) -> web.StreamResponse:
-        """The link in the email: no access token, answers a web page (or a redirect)."""
-        try:
-            result = await ctx.sessions.submit_token(
-                query_param(request, "sid"),
-                query_param(request, "client_secret"),
-                query_param(request, "token"),
-            )
-        except MatrixError as e:
-            return _page(ctx, "validation_failure.html", e.status, reason=e.error)
-        if result.next_link is not None and ctx.sessions.follows_next_link(result.next_link):
-            raise web.HTTPFound(result.next_link)
-        return _page(ctx, "validation_success.html", 200)
-
     async def get_validated_threepid(request: web.Request) -> web.Response:
         await ctx.user_id(request)
         threepid = await ctx.sessions.validated_threepid(
@@ -99,6 +86,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
             }
         )
 
+    submit_token_link = submit_token_link_handler(ctx)
     for medium, request_token in (
         ("email", request_email_token),
         ("msisdn", request_msisdn_token),
@@ -107,6 +95,26 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         router.add_post(f"{PREFIX}/validate/{medium}/submitToken", submit_token)
         router.add_get(f"{PREFIX}/validate/{medium}/submitToken", submit_token_link)
     router.add_get(f"{PREFIX}/3pid/getValidated3pid", get_validated_threepid)
+
+
+def submit_token_link_handler(ctx: ApiContext) -> Handler:
+    """``GET .../submitToken``, the link in the email (also the legacy v1 path's): no access
+    token, answers a web page (or a redirect to the session's next_link)."""
+
+    async def submit_token_link(request: web.Request) -> web.StreamResponse:
+        try:
+            result = await ctx.sessions.submit_token(
+                query_param(request, "sid"),
+                query_param(request, "client_secret"),
+                query_param(request, "token"),
+            )
+        except MatrixError as e:
+            return _page(ctx, "validation_failure.html", e.status, reason=e.error)
+        if result.next_link is not None and ctx.sessions.follows_next_link(result.next_link):
+            raise web.HTTPFound(result.next_link)
+        return _page(ctx, "validation_success.html", 200)
+
+    return submit_token_link
 
 
 def _page(ctx: ApiContext, name: str, status: int, **variables: Any) -> web.Response:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from appservice.db.database import AppDatabase
@@ -32,6 +32,9 @@ class Invite:
     resolved_ts: int | None
     # The long-term key store-invite answered with (None for invites from before it was kept).
     signing_key_id: str | None = None
+    # The ephemeral private key (a secret): written by store-invite for the invite email, never
+    # read back by the queries below, not shown in a repr, cleared when the invite is resolved.
+    ephemeral_private_key: str | None = field(default=None, repr=False, compare=False)
 
 
 _COLUMNS = (
@@ -73,8 +76,8 @@ class InviteStore:
         invite later.
         """
         row = await self._db.fetchrow(
-            f"INSERT INTO invites ({_COLUMNS})"
-            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14"
+            f"INSERT INTO invites ({_COLUMNS}, ephemeral_private_key)"
+            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15"
             " WHERE NOT EXISTS (SELECT 1 FROM bindings WHERE medium = $3 AND address = $4)"
             " RETURNING id",
             invite.id,
@@ -91,6 +94,7 @@ class InviteStore:
             invite.resolved_mxid,
             invite.resolved_ts,
             invite.signing_key_id,
+            invite.ephemeral_private_key,
         )
         return row is not None
 
@@ -112,6 +116,13 @@ class InviteStore:
         row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM invites WHERE token = $1", token)
         return _invite(row) if row else None
 
+    async def ephemeral_private_key(self, invite_id: str) -> str | None:
+        """The invite's ephemeral private key (None once resolved, or for older invites)."""
+        value = await self._db.fetchval(
+            "SELECT ephemeral_private_key FROM invites WHERE id = $1", invite_id
+        )
+        return str(value) if value is not None else None
+
     async def pending_for(self, medium: str, address: str) -> list[Invite]:
         """Pending invites of one 3PID, oldest first."""
         rows = await self._db.fetch(
@@ -124,10 +135,12 @@ class InviteStore:
         return [_invite(row) for row in rows]
 
     async def resolve(self, invite_id: str, state: str, mxid: str, now_ms: int) -> bool:
-        """Move a pending invite to ``state`` for ``mxid``; False if it was no longer pending."""
+        """Move a pending invite to ``state`` for ``mxid``; False if it was no longer pending.
+
+        Its ephemeral private key goes: the key is revoked, nobody needs it any more."""
         row = await self._db.fetchrow(
-            "UPDATE invites SET state = $2, resolved_mxid = $3, resolved_ts = $4"
-            " WHERE id = $1 AND state = $5 RETURNING id",
+            "UPDATE invites SET state = $2, resolved_mxid = $3, resolved_ts = $4,"
+            " ephemeral_private_key = NULL WHERE id = $1 AND state = $5 RETURNING id",
             invite_id,
             state,
             mxid,

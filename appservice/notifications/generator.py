@@ -22,9 +22,17 @@ Emails (each is three files: subject line, plain-text body, HTML body):
     ``to``, ``mxid``.
 ``invite_email.subject.txt``, ``invite_email.txt``, ``invite_email.html``
     A third-party invite to someone known only by their email address. The raw values, any of
-    which may be an empty string: ``to``, ``sender``, ``sender_display_name``, ``room_id``,
-    ``room_name``, ``room_alias``, ``room_avatar_url``, ``room_type``, ``token``,
-    ``join_url``. Derived values that always read well: ``sender_label`` (the display name,
+    which may be an empty string: ``to``, ``sender``, ``sender_display_name``,
+    ``sender_avatar_url``, ``room_id``, ``room_name``, ``room_alias``, ``room_avatar_url``,
+    ``room_type``, ``room_join_rules`` (each as store-invite received it), ``token``,
+    ``join_url`` (``invites.join_url`` with each ``{name}`` of these raw values, of ``email``,
+    ``private_key`` and ``sign_url`` replaced by the value, URL-encoded; for Element:
+    ``https://app.element.io/#/room/{room_id}?email={email}&signurl={sign_url}&room_name=
+    {room_name}&room_avatar_url={room_avatar_url}&inviter_name={sender_display_name}``),
+    ``ephemeral_private_key`` (the invite's ephemeral ed25519 seed, unpadded base64: a secret
+    for the invitee only) and ``sign_url`` (the sign-ed25519 URL with the token and that key in
+    its query, which a client POSTs ``{"mxid": ...}`` to, as Element's ``signurl``). Derived
+    values that always read well: ``sender_label`` (the display name,
     else the sender's Matrix ID, else "Someone"), ``room_label`` (the room name, else its
     alias, else "a room" or "a space"), ``is_space`` (``room_type == "m.space"``),
     ``room_avatar_http_url`` (``room_avatar_url`` when it is an ``https://`` URL, else empty:
@@ -175,6 +183,10 @@ class MessageGenerator:
         room_type: str,
         token: str,
         join_url: str,
+        sender_avatar_url: str = "",
+        room_join_rules: str = "",
+        ephemeral_private_key: str = "",
+        sign_url: str = "",
     ) -> EmailMessage:
         """A third-party invite; any room or sender field may be empty."""
         variables = self._invite_variables(
@@ -182,13 +194,17 @@ class MessageGenerator:
                 "to": to,
                 "sender": sender,
                 "sender_display_name": sender_display_name,
+                "sender_avatar_url": sender_avatar_url,
                 "room_id": room_id,
                 "room_name": room_name,
                 "room_alias": room_alias,
                 "room_avatar_url": room_avatar_url,
                 "room_type": room_type,
+                "room_join_rules": room_join_rules,
                 "token": token,
                 "join_url": join_url,
+                "ephemeral_private_key": ephemeral_private_key,
+                "sign_url": sign_url,
             }
         )
         return self._email("invite_email", **variables)
@@ -269,13 +285,17 @@ class MessageGenerator:
                 "to": "alice@example.org",
                 "sender": "@bob:example.org",
                 "sender_display_name": "Bob",
+                "sender_avatar_url": "mxc://example.org/bob",
                 "room_id": "!room:example.org",
                 "room_name": "Example room",
                 "room_alias": "#example:example.org",
                 "room_avatar_url": "https://example.org/avatar.png",
                 "room_type": "m.space",
+                "room_join_rules": "invite",
                 "token": "sampletoken",
                 "join_url": "https://example.org/join",
+                "ephemeral_private_key": "c2FtcGxla2V5",
+                "sign_url": "https://example.org/_matrix/identity/v2/sign-ed25519?token=t",
             }
         )
         empty_invite = self._invite_variables(

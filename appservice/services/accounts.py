@@ -54,10 +54,7 @@ class AccountService:
         asked (a refused or failed attempt counts too)."""
         if not is_valid_server_name(server_name):
             raise invalid_param("matrix_server_name is not a valid server name")
-        if self._allowed and server_name not in self._allowed:
-            raise MatrixError(
-                403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
-            )
+        self.require_allowed_homeserver(server_name)
         await self._ratelimiter.hit("register_per_ip", requester_ip, self._register_limit)
         # The caller is not authenticated and chooses the server: the answer says only whether
         # the token was refused or the server could not be asked, never why (a connection error
@@ -82,6 +79,14 @@ class AccountService:
         await self._store.add(token_hash(token), user_id, self._clock.now_ms())
         log.info("registered an account for %s", user_id)
         return token
+
+    def require_allowed_homeserver(self, server_name: str) -> None:
+        """403 M_FORBIDDEN unless ``accounts.allowed_homeservers`` lets in ``server_name`` (for
+        registration, and for the v1 calls that name a user without an account)."""
+        if self._allowed and server_name not in self._allowed:
+            raise MatrixError(
+                403, "M_FORBIDDEN", f"Users of {server_name} may not use this identity server"
+            )
 
     async def authenticate(self, token: str | None) -> Account:
         """The account of an access token (401 M_UNAUTHORIZED when missing or unknown)."""

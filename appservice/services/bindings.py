@@ -60,9 +60,17 @@ class BindingService:
         self._on_bound = list(on_bound)
         self._after_bound = list(after_bound)
 
-    async def bind(self, sid: str, client_secret: str, mxid: str, caller: str) -> dict[str, Any]:
-        """Bind the session's 3PID to ``mxid`` (the caller's own ID); the signed association."""
-        if mxid != caller:
+    async def bind(
+        self, sid: str, client_secret: str, mxid: str, caller: str | None
+    ) -> dict[str, Any]:
+        """Bind the session's 3PID to ``mxid`` (the caller's own ID); the signed association.
+
+        ``caller`` None: the unauthenticated v1 API, where the validated session is the only
+        proof and ``mxid`` is taken as given (it must be a user ID)."""
+        if caller is None:
+            if user_id_server(mxid) is None:
+                raise MatrixError(400, "M_INVALID_PARAM", "mxid must be a Matrix user ID")
+        elif mxid != caller:
             raise forbidden("You may only bind 3PIDs to your own Matrix ID")
         threepid = await self._sessions.validated_threepid(sid, client_secret)
         now = self._clock.now_ms()

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import nacl.signing
 import signedjson.key
@@ -37,6 +37,9 @@ from appservice.threepid import is_opaque_id, is_room_id, parse_email, user_id_s
 log = logging.getLogger(__name__)
 
 ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
+# Where the invite email's sign_url points: v2 (Bearer) unless the unauthenticated v1 API is on.
+SIGN_ED25519_V2 = "/_matrix/identity/v2/sign-ed25519"
+SIGN_ED25519_V1 = "/_matrix/identity/api/v1/sign-ed25519"
 # Optional store-invite fields kept for the invite email; Synapse sends "" for unset ones.
 DETAIL_FIELDS = (
     "room_alias",
@@ -89,8 +92,10 @@ class InviteService:
         clock: Clock,
         stores: IdentityStores | None = None,
         metrics: Metrics | None = None,
+        sign_ed25519_path: str = SIGN_ED25519_V2,
     ) -> None:
         self._db = db
+        self._sign_ed25519_path = sign_ed25519_path
         self._metrics = metrics if metrics is not None else Metrics()
         self._stores = stores or IdentityStores(())
         self._invites = invites
@@ -115,12 +120,14 @@ class InviteService:
         return self._expired_user_id
 
     async def store_invite(
-        self, request: StoreInviteRequest, caller: str, requester_ip: str
+        self, request: StoreInviteRequest, caller: str | None, requester_ip: str
     ) -> dict[str, Any]:
         """Store an invite, mail the invitee, and answer what the homeserver puts in the room.
 
         Limited per sender, per invited address and per requesting IP (the homeserver's, as
-        homeservers make this call for their users)."""
+        homeservers make this call for their users). ``caller``: the authenticated user, who
+        must be the sender; None for the unauthenticated v1 API (the sender is taken as given).
+        """
         if request.medium != "email":
             raise MatrixError(400, "M_UNRECOGNIZED", f"Unsupported medium {request.medium!r}")
         address = parse_email(request.address)
@@ -132,7 +139,7 @@ class InviteService:
             )
         if user_id_server(request.sender) is None:
             raise invalid_param("sender must be a Matrix user ID")
-        if request.sender != caller:
+        if caller is not None and request.sender != caller:
             raise forbidden("sender must be the authenticated user")
         limits: list[Event] = [
             ("store_invite_per_sender", request.sender, self._limits.store_invite_per_sender),
@@ -163,6 +170,8 @@ class InviteService:
             resolved_mxid=None,
             resolved_ts=None,
             signing_key_id=server_key.key_id,
+            # The seed, as sign-ed25519 takes it back (sydent's encoding too).
+            ephemeral_private_key=encode_base64(bytes(ephemeral)),
         )
         # The write (which checks the address is unbound in the same statement) and the rate
         # limits' hits go out together, so the mail's gate waits for one database round trip,
@@ -233,21 +242,35 @@ class InviteService:
         }
 
     def _invite_email(self, invite: Invite) -> Any:
-        d = invite.details
-        join_url = self._config.join_url.replace(
-            "{room_id}", quote(invite.room_id, safe="")
-        ).replace("{room_alias}", quote(d.get("room_alias", ""), safe=""))
+        details = {name: invite.details.get(name, "") for name in DETAIL_FIELDS}
+        private_key = invite.ephemeral_private_key or ""
+        # What the invitee's client POSTs {mxid} to (with the token and the key in the query,
+        # as sydent's signurl): it signs the invite with the ephemeral key, the third-party
+        # invite flow of the client-server API.
+        sign_url = f"{self._public_base_url}{self._sign_ed25519_path}?" + urlencode(
+            {"token": invite.token, "private_key": private_key}
+        )
+        values = {
+            **details,
+            "room_id": invite.room_id,
+            "sender": invite.sender,
+            "email": invite.address,
+            "token": invite.token,
+            "private_key": private_key,
+            "sign_url": sign_url,
+        }
+        join_url = self._config.join_url
+        for name, value in values.items():
+            join_url = join_url.replace(f"{{{name}}}", quote(value, safe=""))
         return self._generator.invite_email(
             invite.address,
             sender=invite.sender,
-            sender_display_name=d.get("sender_display_name", ""),
             room_id=invite.room_id,
-            room_name=d.get("room_name", ""),
-            room_alias=d.get("room_alias", ""),
-            room_avatar_url=d.get("room_avatar_url", ""),
-            room_type=d.get("room_type", ""),
             token=invite.token,
             join_url=join_url,
+            ephemeral_private_key=private_key,
+            sign_url=sign_url,
+            **details,
         )
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
