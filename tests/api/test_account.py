@@ -281,3 +281,39 @@ class TestRegisterRateLimitBehindAProxy:
                 "POST", REGISTER, json=credentials, headers={"X-Forwarded-For": ip}
             )
             assert status == (429 if n == 2 else 200)
+
+
+@pytest.mark.parametrize(
+    "dropped", [("token_type",), ("expires_in",), ("token_type", "expires_in")]
+)
+async def test_register_needs_only_access_token_and_server_name(
+    api: Api, dropped: tuple[str, ...]
+) -> None:
+    """What matrix-is-tester and other tools send: {access_token, matrix_server_name}."""
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    body = {k: v for k, v in credentials.items() if k not in dropped}
+    status, answer = await api.request("POST", REGISTER, json=body)
+    assert status == 200, answer
+    assert await api.request("GET", ACCOUNT, token=answer["token"]) == (
+        200,
+        {"user_id": "@bob:hs.test"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "errcode"),
+    [
+        ({"token_type": 5}, "M_BAD_JSON"),
+        ({"expires_in": "soon"}, "M_BAD_JSON"),
+        ({"access_token": None}, "M_MISSING_PARAMS"),
+        ({"matrix_server_name": None}, "M_MISSING_PARAMS"),
+    ],
+)
+async def test_register_checks_the_optional_fields_it_is_given(
+    api: Api, change: dict[str, object], errcode: str
+) -> None:
+    credentials = api.homeserver.issue_openid_token("@bob:hs.test", "tok-bob")
+    body = {k: v for k, v in (credentials | change).items() if v is not None}
+    status, answer = await api.request("POST", REGISTER, json=body)
+    assert (status, answer["errcode"]) == (400, errcode)
+    assert api.homeserver.requests == []

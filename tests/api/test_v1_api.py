@@ -13,7 +13,7 @@ import nacl.signing
 import pytest
 import signedjson.key
 import signedjson.sign
-from unpaddedbase64 import decode_base64
+from unpaddedbase64 import decode_base64, encode_base64
 
 from appservice.db.invites import InviteStore
 from tests.api.test_validation import link_from_mail
@@ -160,9 +160,8 @@ class TestV1Validation:
         sid = await request_v1_email(api, data=form.encode(), headers=FORM)
         link = link_from_mail(api)
         assert link["sid"] == sid
-        form = urlencode(link).encode()
         status, body = await api.request(
-            "POST", f"{V1}/validate/email/submitToken", data=form, headers=FORM
+            "POST", f"{V1}/validate/email/submitToken", data=urlencode(link).encode(), headers=FORM
         )
         assert (status, body) == (200, {"success": True})
 
@@ -498,7 +497,7 @@ class TestV1Invites:
         base = {
             "mxid": "@ian:hs.test",
             "token": stored["token"],
-            "private_key": signedjson.key.encode_signing_key_base64(key),
+            "private_key": encode_base64(bytes(key)),
         }
         body = {k: v for k, v in (base | change).items() if v is not None}
         answer_status, answer = await api.request("POST", f"{V1}/sign-ed25519", json=body)
@@ -563,7 +562,7 @@ class TestInviteEmailFields:
         private_key = await InviteStore(api.server.db).ephemeral_private_key(row.id)
         assert private_key == fields["ephemeral_private_key"]
         # ... never in the invite's repr (logs) nor what the store lists.
-        assert private_key not in repr(row)
+        assert private_key is not None and private_key not in repr(row)
         assert row.ephemeral_private_key is None
         [listed] = await InviteStore(api.server.db).list(None, 10)
         assert listed.ephemeral_private_key is None
