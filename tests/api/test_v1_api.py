@@ -4,6 +4,7 @@ without an account, on the v2 services; and everything of it unknown while v1 is
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import decode_base64, encode_base64
 
+from appservice.api.http import redact_query
 from appservice.db.invites import InviteStore
 from tests.api.test_validation import link_from_mail
 from tests.support.api_server import Api
@@ -531,7 +533,10 @@ class TestInviteEmailFields:
             f"notifications: {{templates_dir: '{templates}'}}\ninvites: {{join_url: '{JOIN_URL}'}}"
         )
 
-    async def test_a_template_gets_every_field_and_the_ephemeral_key(self, api: Api) -> None:
+    async def test_a_template_gets_every_field_and_the_ephemeral_key(
+        self, api: Api, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO)
         sender, token = await api.register("sender")
         invite = FULL_INVITE | {"sender": sender}
         status, stored = await api.request("POST", f"{V2}/store-invite", token=token, json=invite)
@@ -561,7 +566,8 @@ class TestInviteEmailFields:
         assert row is not None
         private_key = await InviteStore(api.server.db).ephemeral_private_key(row.id)
         assert private_key == fields["ephemeral_private_key"]
-        # ... never in the invite's repr (logs) nor what the store lists.
+        # ... never in the invite's repr (logs) nor in what the store reads back or lists
+        # (what `invites list` and `invites show` print).
         assert private_key is not None and private_key not in repr(row)
         assert row.ephemeral_private_key is None
         [listed] = await InviteStore(api.server.db).list(None, 10)
@@ -598,6 +604,14 @@ class TestInviteEmailFields:
         )
         assert status == 200, signed
         signedjson.sign.verify_signed_json(signed, "id.test", ephemeral_verify_key(public_key))
+        # The key is in no log line at INFO (the test server's plain aiohttp access log aside:
+        # the server's own access log redacts private_* query parameters).
+        secret = fields["ephemeral_private_key"]
+        logged = [r.getMessage() for r in caplog.records if r.name != "aiohttp.access"]
+        assert logged and not [line for line in logged if secret in line]
+        assert redact_query(f"/x?token=t&private_key={secret}") == (
+            "/x?token=<redacted>&private_key=<redacted>"
+        )
         # Without a token, v2 still refuses.
         status, answer = await api.request(
             "POST", f"{parts.path}?{parts.query}", json={"mxid": "@ian:hs.test"}

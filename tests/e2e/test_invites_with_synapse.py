@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+import signedjson.key
+import signedjson.sign
+from unpaddedbase64 import decode_base64
 
 from tests.e2e.conftest import RunningIdentityServer
 from tests.e2e.flows import (
@@ -89,3 +93,57 @@ class TestExpiry:
         assert "n…@e…" in reason and "@alice_exp:" in reason and "2 seconds" in reason
         assert "withdrawn" in reason
         assert "nobody@example.org" not in reason
+
+
+class TestInviteLinkSignature:
+    """The third-party invite flow with the key the invite email carries (sign-ed25519)."""
+
+    @pytest.fixture
+    def identity_settings(self) -> dict[str, Any]:
+        return {"invites": {"join_url": "https://app.example/#/room/{room_id}?signurl={sign_url}"}}
+
+    async def test_the_email_link_signs_with_the_key_in_the_room_and_synapse_accepts_it(
+        self, synapse: SynapseServer, identity_server: RunningIdentityServer
+    ) -> None:
+        ids = identity_server
+        alice, alice_hs, alice_is = await register_everywhere(synapse, ids, "alice_sig")
+        room_id = await create_room_and_invite(
+            synapse, ids, alice_hs, alice_is, "carol@example.org"
+        )
+        [event] = [
+            e for e in await room_state(synapse, alice_hs, room_id)
+            if e["type"] == "m.room.third_party_invite"
+        ]  # fmt: skip
+        ephemeral = next(
+            k["public_key"]
+            for k in event["content"]["public_keys"]
+            if "ephemeral" in k["key_validity_url"]
+        )
+        [mail] = await ids.smtp.wait_for(1)
+        text = mail.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        match = re.search(r"https://app\.example/#/room/\S+", text)
+        assert match, text
+        sign_url = parse_qs(urlsplit(urlsplit(match.group(0)).fragment).query)["signurl"][0]
+        parts = urlsplit(sign_url)
+        assert parse_qs(parts.query)["token"] == [event["state_key"]]
+
+        # The invitee follows the link: POST {mxid} to it (v2: with its identity token).
+        carol, carol_hs, carol_is = await register_everywhere(synapse, ids, "carol_sig")
+        status, signed = await ids.request(
+            "POST", f"{parts.path}?{parts.query}", token=carol_is, json={"mxid": carol}
+        )
+        assert status == 200, signed
+        assert (signed["mxid"], signed["sender"]) == (carol, alice)
+        verify_key = signedjson.key.decode_verify_key_bytes("ed25519:0", decode_base64(ephemeral))
+        signedjson.sign.verify_signed_json(signed, ids.name, verify_key)
+
+        # Synapse takes the signature as the invite's proof: the join exchanges the
+        # third-party invite (checking the ephemeral key's validity with us) and succeeds.
+        status, body = await synapse.client_request(
+            "POST",
+            f"/_matrix/client/v3/join/{quote(room_id)}",
+            carol_hs,
+            json={"third_party_signed": signed},
+        )
+        assert status == 200, body
+        await wait_for_member(synapse, alice_hs, room_id, carol, "join")

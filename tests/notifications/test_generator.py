@@ -230,3 +230,35 @@ def test_rendered_messages_are_saved_for_review(artifacts_dir: Path) -> None:
         generator.page("validation_failure", reason="This link has expired.")
     )
     assert len(list(out.iterdir())) >= 10
+
+
+INVITE_FIELDS = (
+    "sender",
+    "sender_display_name",
+    "sender_avatar_url",
+    "room_id",
+    "room_name",
+    "room_alias",
+    "room_avatar_url",
+    "room_type",
+    "room_join_rules",
+    "token",
+    "join_url",
+    "ephemeral_private_key",
+    "sign_url",
+)
+
+
+def test_an_invite_template_gets_every_store_invite_field(tmp_path: Path) -> None:
+    """Each detail store-invite keeps (sender_avatar_url and room_join_rules too), the invite's
+    ephemeral private key and its sign URL reach an operator's template."""
+    # A template naming every variable (StrictUndefined: a missing one is an error).
+    (tmp_path / "invite_email.txt").write_text(
+        "".join(f"{name}=[{{{{ {name} }}}}]\n" for name in ("to", *INVITE_FIELDS))
+    )
+    generator = make_generator(tmp_path)
+    values = {name: f"value-of-{name}" for name in INVITE_FIELDS}
+    msg = generator.invite_email("carol@example.com", **values)
+    lines = dict(line.split("=", 1) for line in msg.text.splitlines())
+    assert lines.pop("to") == "[carol@example.com]"
+    assert lines == {name: f"[value-of-{name}]" for name in INVITE_FIELDS}
