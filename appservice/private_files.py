@@ -41,7 +41,9 @@ def write_private_file(path: Path, text: str) -> None:
         before: os.stat_result | None = path.stat()
     except FileNotFoundError:
         before = None
-    mode = 0o600 if before is None else 0o600 | (before.st_mode & 0o040)
+    # Only a deliberate group-only mode is kept: a world-readable file was never made private.
+    group_only = before is not None and before.st_mode & 0o044 == 0o040
+    mode = 0o640 if group_only else 0o600
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -18,6 +18,7 @@ import appservice
 from appservice.app import IdentityServer
 from appservice.cli import main
 from appservice.config import load_config
+from appservice.private_files import write_private_file
 from appservice.resources import package_version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,19 +214,23 @@ async def test_keys_rotate_keeps_old_keys_valid_and_revoke_invalidates_one(
     assert f"ed25519:0 {old.public_key} revoked" in shown.stdout
 
 
-def test_rewriting_a_group_readable_config_keeps_its_group_and_never_its_world_bits(
+def test_rewriting_a_group_only_config_keeps_its_group_and_a_world_readable_one_gets_private(
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "config.yaml"
     assert main(["generate-config", "-c", str(config)]) == 0
-    # As the operator set it up for a service user's group: root:<group> 0640 (or worse, 0644).
+    # As the operator set it up for a service user's group: root:<group> 0640.
     group = 4242 if os.geteuid() == 0 else os.getgid()
     os.chown(config, -1, group)
-    os.chmod(config, 0o644)
+    os.chmod(config, 0o640)
     assert main(["generate-registration", "-c", str(config)]) == 0  # rewrites the config
     after = config.stat()
     assert "as_token" in config.read_text()
     assert (stat.S_IMODE(after.st_mode), after.st_gid) == (0o640, group)
+    # A world-readable file was never private: rewritten, it becomes owner-only.
+    os.chmod(config, 0o644)
+    write_private_file(config, config.read_text())
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
     registration = tmp_path / "data" / "registration.yaml"
     assert stat.S_IMODE(registration.stat().st_mode) == 0o600  # a new file: owner only
 
