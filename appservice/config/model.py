@@ -265,8 +265,10 @@ class InvitePolicyConfig:
 class InvitesConfig:
     """3PID invites: store-invite, delivery on bind, expiry."""
 
-    # Link in invite emails (template variable join_url); {room_id} and {room_alias} are
-    # replaced, e.g. "https://app.element.io/#/room/{room_id}". Empty: no link.
+    # Link in invite emails (template variable join_url); {room_id}, {room_alias}, every other
+    # store-invite detail, {email}, {token}, {private_key} and {sign_url} are replaced
+    # (URL-encoded), e.g. "https://app.element.io/#/room/{room_id}?signurl={sign_url}". Empty: no
+    # link.
     join_url: str = ""
     redaction: RedactionConfig = field(default_factory=RedactionConfig)
     expiration: ExpirationConfig = field(default_factory=ExpirationConfig)
