@@ -3,7 +3,7 @@
 # installed if needed), Chromium for the page tests and slapd for the LDAP store tests (Debian
 # packages), lint, type check, then pytest on SQLite and PostgreSQL, plus the end-to-end tests
 # against a real Synapse (installed once into .cache/synapse-venv). tests/service need
-# systemd-analyze, debootstrap and podman (with runc), also from Debian's packages.
+# systemd-analyze, debootstrap, podman (with runc) and promtool (Debian's prometheus package).
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/api -k lookup
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ scripts/ensure-slapd.sh
 scripts/ensure-systemd-analyze.sh
 scripts/ensure-debootstrap.sh
 scripts/ensure-podman.sh
+scripts/ensure-promtool.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -5,8 +5,8 @@ registry, their types and label names), so a family renamed or added there witho
 following fails here. PromQL is not fully parsed: metric names, label matchers, ``by``/``without``
 /``on``/``ignoring`` clauses, ``label_replace`` and ``histogram_quantile`` are read with regular
 expressions and balanced parentheses, which covers what the two files use. When ``promtool`` is
-installed (Debian's ``prometheus`` package) it checks the rules file and every dashboard query;
-where it is not, those two tests are skipped and the checks above are all there is.
+``promtool`` (Debian's ``prometheus`` package, installed by scripts/ensure-promtool.sh) also checks
+the rules file and every dashboard query.
 """
 
 from __future__ import annotations
@@ -476,26 +476,24 @@ def test_docs_list_every_exported_family() -> None:
         assert f"| `{rule['alert']}` |" in docs, f"{rule['alert']} has no runbook line"
 
 
-# promtool comes with Debian's prometheus package; scripts/test.sh does not install it, so where it
-# is missing these two are skipped and the regular-expression checks above stand alone.
+# promtool comes with Debian's prometheus package (scripts/ensure-promtool.sh, run by
+# scripts/test.sh).
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
 
 
 def promtool_check_rules(path: Path) -> None:
-    assert PROMTOOL is not None
+    if PROMTOOL is None:
+        pytest.fail("promtool is not installed: scripts/ensure-promtool.sh")
     result = subprocess.run(
         [PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_promtool_accepts_the_alert_rules() -> None:
     promtool_check_rules(ALERTS)
 
 
-@needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     rules = []
     for where, expr in dashboard_exprs(load_dashboard()):
