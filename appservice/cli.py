@@ -392,13 +392,15 @@ async def _list_invites(
     return [(invite, await outbox.for_invite(invite.id)) for invite in invites]
 
 
-def _homeserver_state(entries: Sequence[OutboxEntry], backed_off: dict[str, Destination]) -> str:
-    """Whether the homeserver a queued notification waits for is backed off."""
+def _homeserver_state(
+    entries: Sequence[OutboxEntry], backed_off: dict[str, Destination]
+) -> str | None:
+    """``backed_off`` when the homeserver a queued notification waits for does not answer
+    (``invites show`` tells the details); None otherwise."""
     for entry in entries:
         if entry.state == QUEUED and entry.destination in backed_off:
-            down = backed_off[entry.destination]
-            return f"backed off ({down.failures} failures, next probe {_iso(down.retry_at)})"
-    return ""
+            return "backed_off"
+    return None
 
 
 async def _backed_off(db: AppDatabase) -> dict[str, Destination]:

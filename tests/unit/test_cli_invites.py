@@ -24,6 +24,7 @@ from appservice.clock import FakeClock
 from appservice.config import load_config
 from appservice.crypto.signing import KeyRing
 from appservice.db.bindings import Binding
+from appservice.db.destinations import DestinationStore
 from appservice.db.invites import InviteStore
 from appservice.db.outbox import OutboxEntry, OutboxStore
 from appservice.services.invites import StoreInviteRequest
@@ -38,6 +39,7 @@ LIST_KEYS = [
     "id",
     "state",
     "delivery",
+    "homeserver",
     "created",
     "room_id",
     "sender",
@@ -185,13 +187,13 @@ def test_list_is_an_aligned_table_newest_first_without_addresses(
     assert header.split() == LIST_KEYS
     rows = [line.split() for line in lines]
     assert [row[0] for row in rows] == [world.newest, world.failed, world.delivered, world.pending]
-    assert [row[1:3] for row in rows] == [
-        ["pending", "none"],
-        ["expired", "failed"],
-        ["bound", "delivered"],
-        ["pending", "none"],
+    assert [row[1:4] for row in rows] == [
+        ["pending", "none", "-"],
+        ["expired", "failed", "-"],
+        ["bound", "delivered", "-"],
+        ["pending", "none", "-"],
     ]
-    assert rows[-1][3:] == ["2023-11-14T22:13:20Z", ROOM, SENDER, "a…@e…", "-"]
+    assert rows[-1][4:] == ["2023-11-14T22:13:20Z", ROOM, SENDER, "a…@e…", "-"]
     assert rows[1][-1] == "@_identity_invite_expired:localhost"
     assert rows[2][-1] == "@bob:hs.test"
     for column in LIST_KEYS:  # every column starts at the same place on every line
@@ -208,6 +210,7 @@ def test_list_json(world: World, capsys: pytest.CaptureFixture[str]) -> None:
         "id": world.pending,
         "state": "pending",
         "delivery": "none",
+        "homeserver": None,
         "created": "2023-11-14T22:13:20Z",
         "room_id": ROOM,
         "sender": SENDER,
@@ -396,3 +399,45 @@ def test_config_and_database_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert result.returncode == 1
     assert result.stderr.startswith("error: database.url: cannot connect")
     assert "Traceback" not in result.stderr
+
+
+async def _homeserver_down(config: Path, destination: str) -> None:
+    server = await _open(config)
+    try:
+        now = server.clock.now_ms()
+        store = DestinationStore(server.db)
+        for _ in range(3):
+            await store.record_failure(destination, now, "could not connect", 2000, 10_000)
+    finally:
+        await server.stop()
+
+
+def test_list_and_show_tell_when_the_homeserver_is_backed_off(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main("invites", "retry", world.failed, *world.c) == 0  # queued again
+    (entry,) = _in_thread(_outbox(world.config, world.failed))
+    _in_thread(_homeserver_down(world.config, entry.destination))
+    capsys.readouterr()
+    rows = _json(capsys, "invites", "list", "--json", *world.c)
+    states = {row["id"]: row["homeserver"] for row in rows}
+    assert states == {
+        world.newest: None,
+        world.failed: "backed_off",
+        world.delivered: None,
+        world.pending: None,
+    }
+    info = _json(capsys, "invites", "show", world.failed, "--json", *world.c)
+    (shown,) = info["outbox"]
+    assert shown["homeserver"] == {
+        "state": "backed off",
+        "failures": 3,
+        "next_probe": "2023-11-14T22:13:28Z",  # 2 s, 4 s, then 8 s after the third failure
+        "last_error": "could not connect",
+        "failing_since": "2023-11-14T22:13:20Z",
+    }
+    assert _main("invites", "show", world.failed, *world.c) == 0
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.lstrip().startswith("homeserver:")]
+    assert line.split(":", 1)[1].strip().startswith("backed off: 3 failures in a row since")
+    assert "last error could not connect" in out
