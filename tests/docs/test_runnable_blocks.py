@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -120,9 +119,10 @@ class Block:
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 
 
-def fenced_blocks(page: Path) -> Iterator[Block]:
-    """The fenced code blocks of a Markdown page (CommonMark fences, also indented in lists)."""
-    name = page.relative_to(ROOT).as_posix()
+def fenced_blocks(page: Path, root: Path = ROOT) -> Iterator[Block]:
+    """The fenced code blocks of a Markdown page (CommonMark fences, also indented in lists),
+    named by the page's path under ``root``."""
+    name = page.relative_to(root).as_posix()
     lines = page.read_text(encoding="utf-8").splitlines()
     i = 0
     while i < len(lines):
@@ -269,14 +269,15 @@ CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(?P<text>.+?)\s*#*\s*$")
 
 
-def _prose_lines(page: Path) -> Iterator[tuple[int, str]]:
-    """The page's lines outside fenced blocks, with inline code removed."""
+def _prose_lines(page: Path, *, code_spans: bool = False) -> Iterator[tuple[int, str]]:
+    """The page's lines outside fenced blocks; inline code removed unless ``code_spans``."""
     fenced: set[int] = set()
-    for block in fenced_blocks(page):
+    for block in fenced_blocks(page, page.parent):
+        # The opening line, the body and the closing line.
         fenced.update(range(block.line, block.line + block.text.count("\n") + 2))
     for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
         if number not in fenced:
-            yield number, CODE_SPAN.sub("", line)
+            yield number, line if code_spans else CODE_SPAN.sub("", line)
 
 
 def github_slug(heading: str) -> str:
@@ -288,9 +289,10 @@ def github_slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings (a repeated heading gets -1, -2, ...)."""
     seen: dict[str, int] = {}
     found: set[str] = set()
-    for _, line in _prose_lines_raw(page):
+    for _, line in _prose_lines(page, code_spans=True):
         match = HEADING.match(line)
         if match is None:
             continue
@@ -299,16 +301,6 @@ def anchors(page: Path) -> set[str]:
         seen[slug] = count + 1
         found.add(slug if count == 0 else f"{slug}-{count}")
     return found
-
-
-def _prose_lines_raw(page: Path) -> Iterator[tuple[int, str]]:
-    """The page's lines outside fenced blocks, as written (headings keep their code spans)."""
-    fenced: set[int] = set()
-    for block in fenced_blocks(page):
-        fenced.update(range(block.line, block.line + block.text.count("\n") + 2))
-    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
-        if number not in fenced:
-            yield number, line
 
 
 def test_github_slug() -> None:
@@ -349,10 +341,33 @@ def test_readme_maps_every_page() -> None:
     assert not missing, f"README.md does not link {missing}"
 
 
-def test_blocks_are_parsed() -> None:
-    """The parser finds the marked blocks (a guard against a fence it silently misreads)."""
-    runnable = [b for b in shell_blocks() if b.runnable]
-    assert runnable, "no ```sh runnable block found"
-    for block in runnable:
-        assert block.text.strip(), f"{block.page}:{block.line}: empty block"
-        assert shlex.split(block.first_line, comments=True) is not None
+def test_fenced_blocks_parser(tmp_path: Path) -> None:
+    """Fences as CommonMark reads them: in list items, longer fences around shorter ones, tildes."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n"
+        "```sh runnable\n"
+        "echo one\n"
+        "```\n"
+        "1. item\n"
+        "   ```sh\n"
+        "   echo two\n"
+        "   ```\n"
+        "````markdown\n"
+        "```sh runnable\n"
+        "echo not a block of its own\n"
+        "```\n"
+        "````\n"
+        "~~~bash runnable\n"
+        "echo three\n"
+        "~~~\n",
+        encoding="utf-8",
+    )
+    blocks = list(fenced_blocks(page, tmp_path))
+    assert [(b.line, b.info, b.text, b.runnable) for b in blocks] == [
+        (2, "sh runnable", "echo one\n", True),
+        (6, "sh", "echo two\n", False),
+        (9, "markdown", "```sh runnable\necho not a block of its own\n```\n", False),
+        (14, "bash runnable", "echo three\n", True),
+    ]
+    assert [n for n, _ in _prose_lines(page)] == [1, 5]
