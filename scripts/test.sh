@@ -15,6 +15,7 @@ scripts/ensure-systemd-analyze.sh
 scripts/ensure-debootstrap.sh
 scripts/ensure-podman.sh
 scripts/ensure-promtool.sh
+scripts/ensure-doc-tools.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -241,7 +241,7 @@ class RedactionConfig:
 
 @dataclass(frozen=True)
 class InvitePolicyConfig:
-    """Who may invite by email, enforced by the invite proxy (see README, "Invite policy").
+    """Who may invite by email, enforced by the invite proxy (see docs/invite-policy.md).
 
     Nothing configured here: every 3PID invite is allowed. With ``roles`` or
     ``allowed_senders`` set, a sender needs one of the roles or a matching user ID.
@@ -357,7 +357,7 @@ class LdapStoreConfig:
 
 @dataclass(frozen=True)
 class RestStoreConfig:
-    """The ``rest`` store: a custom backend speaking the JSON contract in README."""
+    """The ``rest`` store: a custom backend speaking the JSON contract in docs/identity-stores.md."""
 
     # Base URL of the backend, e.g. https://directory.example.org/matrix-identity.
     base_url: str = ""

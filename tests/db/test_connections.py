@@ -45,7 +45,7 @@ async def test_a_transaction_cancelled_midway_is_rolled_back(database_url: str) 
 
 
 async def test_sqlite_runs_in_wal_mode_with_normal_synchronous(tmp_path: Path) -> None:
-    # What README's Storage section promises operators about durability on SQLite.
+    # What docs/configuration.md (Storage) promises operators about durability on SQLite.
     db = AppDatabase(f"sqlite:{tmp_path / 'identity.db'}")
     await db.start()
     try:
