@@ -357,7 +357,7 @@ class LdapStoreConfig:
 
 @dataclass(frozen=True)
 class RestStoreConfig:
-    """The ``rest`` store: a custom backend speaking the JSON contract in docs/identity-stores.md."""
+    """The ``rest`` store: a backend of your own (its JSON contract: docs/identity-stores.md)."""
 
     # Base URL of the backend, e.g. https://directory.example.org/matrix-identity.
     base_url: str = ""
