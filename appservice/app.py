@@ -44,6 +44,7 @@ from appservice.db.bindings import BindingStore
 from appservice.db.database import AppDatabase
 from appservice.db.destinations import DestinationStore
 from appservice.db.invites import InviteStore
+from appservice.db.lookup_peppers import PepperStore
 from appservice.db.outbox import PENDING as OUTBOX_PENDING
 from appservice.db.outbox import OutboxStore
 from appservice.db.ratelimits import RateLimitStore
@@ -78,6 +79,7 @@ from appservice.services.invite_policy import InvitePolicyService
 from appservice.services.invites import SIGN_ED25519_V1, SIGN_ED25519_V2, InviteService
 from appservice.services.keys import KeyService
 from appservice.services.lookup import LookupService
+from appservice.services.pepper_rotation import CHECK_INTERVAL_S, PepperRotation
 from appservice.services.ratelimits import RateLimiter
 from appservice.services.sessions import SessionService
 from appservice.services.store_sync import StoreSyncService
@@ -187,6 +189,7 @@ class IdentityServer:
             register_limit=config.ratelimits.register_per_ip,
         )
         self.terms = TermsService(config.terms, TermsStore(self.db), self.clock)
+        peppers = PepperStore(self.db)
         self.lookup = LookupService(
             self.bindings,
             ServerStateStore(self.db),
@@ -198,7 +201,15 @@ class IdentityServer:
             copies=store_copies,
             ratelimiter=self.ratelimiter,
             v1_limit=config.ratelimits.v1_lookup_per_ip,
+            peppers=peppers,
             metrics=self.metrics,
+        )
+        self.pepper_rotation = PepperRotation(
+            peppers, config.lookup, self.clock, on_switched=self.lookup.refresh_pepper
+        )
+        # Also resumes a rotation whose instance (or `pepper rotate`) stopped midway.
+        self.pepper_rotation_job = PeriodicJob(
+            "pepper-rotation", CHECK_INTERVAL_S, self.pepper_rotation.rotate_due
         )
         self.keys = KeyService(self.keyring, SigningKeyStore(self.db), self.clock)
         notifications = config.notifications
@@ -274,8 +285,7 @@ class IdentityServer:
         self.store_sync = StoreSyncService(
             self.stores,
             store_copies,
-            self.lookup.hash_of,
-            lambda: self.lookup.pepper,
+            self.lookup.pepper_state,
             float(config.stores.sync_interval),
             self.clock,
             self.metrics,
@@ -336,6 +346,7 @@ class IdentityServer:
             self.expiry_job,
             self.resolution_job,
             self.store_sync_job,
+            self.pepper_rotation_job,
         ]
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None

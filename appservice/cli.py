@@ -1,5 +1,5 @@
-"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate|revoke`` and
-``invites list|show|expire|retry``."""
+"""Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate|revoke``,
+``invites list|show|expire|retry`` and ``pepper show|rotate``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="overwrite a file that generate-registration did not write",
     )
     _add_invites_parser(commands)
+    pepper = commands.add_parser("pepper", help="show or rotate the lookup pepper")
+    pepper_commands = pepper.add_subparsers(dest="pepper_command", required=True, metavar="ACTION")
+    _with_config(pepper_commands.add_parser("show", help="the pepper's generation and age"))
+    _with_config(
+        pepper_commands.add_parser(
+            "rotate",
+            help="a new pepper: rehash every binding and store copy while lookups go on, then "
+            "switch all instances (the previous pepper is answered for lookup.pepper_grace)",
+        )
+    )
     return parser
 
 
@@ -589,6 +599,52 @@ async def _retry(server: IdentityServer, invite: Invite, outbox: OutboxStore) ->
     return 0
 
 
+# --- pepper -------------------------------------------------------------------------------------
+
+
+async def _pepper(config: Config, action: str) -> int:
+    """``pepper show|rotate``; returns the exit status."""
+    from appservice.services.pepper_rotation import RotationRefused
+
+    async with open_server(config) as server:
+        if action == "rotate":
+            try:
+                result = await server.pepper_rotation.rotate()
+            except RotationRefused as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            done = "finished an interrupted rotation" if result.resumed else "rotated"
+            print(
+                f"{done}: generation {result.generation}, {result.rows} rows rehashed in "
+                f"{result.seconds:.1f} s; instances switch within a few seconds"
+            )
+        state = await server.lookup.refresh_pepper()
+        now = server.clock.now_ms()
+        fields: list[tuple[str, object]] = [
+            ("generation", state.generation),
+            ("current since", _iso(state.since_ts)),
+            (
+                "previous pepper",
+                f"answered until {_iso(state.grace_until_ts)}"
+                if state.previous_answered(now)
+                else "not answered",
+            ),
+            ("scheduled rotation", _every(config.lookup.pepper_rotation)),
+        ]
+        if state.rotating:
+            fields.append(("rotation", f"in progress since {_iso(state.rotation_started_ts)}"))
+        if state.claimed_until >= now:
+            fields.append(("lease", f"{state.claimed_by} until {_iso(state.claimed_until)}"))
+        _print_fields(fields)
+    return 0
+
+
+def _every(seconds: float | None) -> str:
+    if seconds is None:
+        return "off (lookup.pepper_rotation)"
+    return f"every {seconds / 86400:g} days" if seconds >= 86400 else f"every {seconds:g} s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -626,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "invites":
             return asyncio.run(_invites(config, args))
+        elif args.command == "pepper":
+            return asyncio.run(_pepper(config, args.pepper_command))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
     async def hash_details(request: web.Request) -> web.Response:
         await ctx.user_id(request)
-        return json_response(ctx.lookup.hash_details())
+        return json_response(await ctx.lookup.hash_details())
 
     async def lookup(request: web.Request) -> web.Response:
         await ctx.user_id(request)

@@ -318,6 +318,12 @@ def _validate(config: Config) -> None:
             raise ConfigError(f'lookup.algorithms[{i}]: "{algorithm}" is not sha256 or none')
     if "sha256" not in config.lookup.algorithms:
         raise ConfigError("lookup.algorithms: must contain sha256 (the spec requires it)")
+    rotation = config.lookup.pepper_rotation
+    if rotation is not None and rotation <= config.lookup.pepper_grace:
+        raise ConfigError(
+            "lookup.pepper_rotation: must be longer than lookup.pepper_grace "
+            f"({config.lookup.pepper_grace:g}s), or null for no scheduled rotation"
+        )
     _validate_listeners(config)
     database = config.database
     if database.max_connections < 1:

@@ -99,6 +99,10 @@ class LookupConfig:
 
     algorithms: tuple[str, ...] = ("sha256",)
     max_addresses: int = 20_000
+    # Rotate the pepper when it is older than this; None: only by hand (``pepper rotate``).
+    pepper_rotation: Duration | None = None
+    # How long lookups with the previous pepper are still answered after a rotation.
+    pepper_grace: Duration = Duration(600)  # noqa: RUF009 (an immutable float)
 
 
 @dataclass(frozen=True)
@@ -303,9 +307,9 @@ class SynapseStoreConfig:
 
     # Synapse's database, read only: postgresql://user@host/synapse or sqlite:/path/homeserver.db.
     database_url: str = ""
-    # Which 3PIDs count: "all" the user added to their account, or only those "bound" to an
-    # identity server (Synapse's user_threepid_id_server table).
-    threepids: str = "all"
+    # Which 3PIDs count: only those "bound" to an identity server (Synapse's
+    # user_threepid_id_server table), or "all" the user added to their account.
+    threepids: str = "bound"
     # With threepids: bound, only bindings to this identity server name; empty: to any.
     id_server: str = ""
     # The role given to Synapse server admins (for the invite policy); empty: none.

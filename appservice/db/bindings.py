@@ -1,13 +1,15 @@
-"""3PID → Matrix ID bindings, with the lookup hash of the current pepper."""
+"""3PID → Matrix ID bindings, with their lookup hashes (two pepper slots, see lookup_peppers)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from appservice.db.coalesce import ReadCoalescer
 from appservice.db.database import AppDatabase
+from appservice.db.lookup_peppers import HASH_COLUMNS, LookupHashes
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,34 @@ class BindingStore:
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
         # On SQLite a hash read runs in place and costs microseconds: nothing to merge.
-        self._hash_reads = ReadCoalescer(self._read_mxids_by_hash) if db.is_postgres else None
+        self._hash_reads = (
+            tuple(
+                ReadCoalescer(functools.partial(self._read_mxids_by_hash, slot)) for slot in (0, 1)
+            )
+            if db.is_postgres
+            else None
+        )
 
-    async def upsert(self, binding: Binding, lookup_hash: str) -> None:
-        """Store a binding, replacing an older one of the same 3PID."""
+    async def upsert(self, binding: Binding, hashes: LookupHashes) -> None:
+        """Store a binding, replacing an older one of the same 3PID (a hash slot given as None
+        keeps its value)."""
         await self._db.execute(
-            f"INSERT INTO bindings ({_COLUMNS}, lookup_hash) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            f"INSERT INTO bindings ({_COLUMNS}, lookup_hash, lookup_hash_1, hash_gen)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             " ON CONFLICT (medium, address) DO UPDATE SET mxid = excluded.mxid,"
             " created_ts = excluded.created_ts, not_before = excluded.not_before,"
-            " not_after = excluded.not_after, lookup_hash = excluded.lookup_hash",
+            " not_after = excluded.not_after,"
+            " lookup_hash = COALESCE(excluded.lookup_hash, bindings.lookup_hash),"
+            " lookup_hash_1 = COALESCE(excluded.lookup_hash_1, bindings.lookup_hash_1),"
+            " hash_gen = excluded.hash_gen",
             binding.medium,
             binding.address,
             binding.mxid,
             binding.created_ts,
             binding.not_before,
             binding.not_after,
-            lookup_hash,
+            *hashes.slots,
+            hashes.generation,
         )
 
     async def get(self, medium: str, address: str) -> Binding | None:
@@ -67,18 +81,18 @@ class BindingStore:
         )
         return _binding(row) if row else None
 
-    async def mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        """Map each known lookup hash among ``hashes`` to its Matrix ID."""
+    async def mxids_by_hash(self, hashes: Sequence[str], slot: int = 0) -> dict[str, str]:
+        """Map each known lookup hash among ``hashes`` (of the pepper in hash slot ``slot``) to
+        its Matrix ID."""
         if not hashes:
             return {}
         if self._hash_reads is not None:
-            return await self._hash_reads.read(hashes)
-        return await self._read_mxids_by_hash(hashes)
+            return await self._hash_reads[slot].read(hashes)
+        return await self._read_mxids_by_hash(slot, hashes)
 
-    async def _read_mxids_by_hash(self, hashes: Sequence[str]) -> dict[str, str]:
-        query, params = self._db.select_by_keys(
-            "bindings", ("lookup_hash", "mxid"), "lookup_hash", hashes
-        )
+    async def _read_mxids_by_hash(self, slot: int, hashes: Sequence[str]) -> dict[str, str]:
+        column = HASH_COLUMNS[slot]
+        query, params = self._db.select_by_keys("bindings", (column, "mxid"), column, hashes)
         # The hot path of every lookup: one indexed read (see AppDatabase.read).
         rows = await self._db.read_tuples(query, *params)
         return dict(rows)  # (hash, mxid) pairs: SQLite tuples or asyncpg records

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appservice.db.database import AppDatabase
+from appservice.db.lookup_peppers import HASH_COLUMNS, LookupHashes
 
 # Rows per executemany call when a sync writes its changes.
 _WRITE_BATCH = 5000
@@ -41,12 +42,14 @@ class StoreThreepidStore:
     def __init__(self, db: AppDatabase) -> None:
         self._db = db
 
-    async def matches_by_hash(self, hashes: Sequence[str]) -> list[StoreMatch]:
-        """Every store entry whose lookup hash is among ``hashes`` (one indexed read)."""
+    async def matches_by_hash(self, hashes: Sequence[str], slot: int = 0) -> list[StoreMatch]:
+        """Every store entry whose lookup hash (of the pepper in hash slot ``slot``) is among
+        ``hashes`` (one indexed read)."""
         if not hashes:
             return []
+        column = HASH_COLUMNS[slot]
         query, params = self._db.select_by_keys(
-            "store_threepids", ("lookup_hash", "store", "mxid"), "lookup_hash", hashes
+            "store_threepids", (column, "store", "mxid"), column, hashes
         )
         rows = await self._db.read_tuples(query, *params)
         return [StoreMatch(row[0], row[1], row[2]) for row in rows]
@@ -61,14 +64,14 @@ class StoreThreepidStore:
     async def apply(
         self,
         store: str,
-        upserts: Sequence[tuple[str, str, str, str]],
+        upserts: Sequence[tuple[str, str, str, LookupHashes]],
         deletes: Sequence[tuple[str, str]],
         *,
         replace_all: bool = False,
     ) -> None:
         """Write a sync's changes in one transaction: ``upserts`` are (medium, address, mxid,
-        lookup_hash), ``deletes`` (medium, address); ``replace_all`` first drops the whole copy
-        (a new pepper)."""
+        hashes), ``deletes`` (medium, address); ``replace_all`` first drops the whole copy
+        (copied under a pepper that is gone)."""
         async with self._db.transaction() as conn:
             if replace_all:
                 await conn.execute("DELETE FROM store_threepids WHERE store = $1", store)
@@ -79,10 +82,16 @@ class StoreThreepidStore:
                 )
             for start in range(0, len(upserts), _WRITE_BATCH):
                 await conn.executemany(
-                    "INSERT INTO store_threepids (store, medium, address, mxid, lookup_hash)"
-                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (store, medium, address)"
-                    " DO UPDATE SET mxid = excluded.mxid, lookup_hash = excluded.lookup_hash",
-                    [(store, *row) for row in upserts[start : start + _WRITE_BATCH]],
+                    "INSERT INTO store_threepids (store, medium, address, mxid, lookup_hash,"
+                    " lookup_hash_1, hash_gen) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                    " ON CONFLICT (store, medium, address) DO UPDATE SET mxid = excluded.mxid,"
+                    " lookup_hash = COALESCE(excluded.lookup_hash, store_threepids.lookup_hash),"
+                    " lookup_hash_1 = COALESCE(excluded.lookup_hash_1,"
+                    " store_threepids.lookup_hash_1), hash_gen = excluded.hash_gen",
+                    [
+                        (store, medium, address, mxid, *hashes.slots, hashes.generation)
+                        for medium, address, mxid, hashes in upserts[start : start + _WRITE_BATCH]
+                    ],
                 )
 
     async def forget_except(self, stores: Sequence[str]) -> int:

@@ -82,11 +82,10 @@ class BindingService:
             not_before=now,
             not_after=now + ASSOCIATION_LIFETIME_MS,
         )
+        hashes = await self._lookup.hashes_of(binding.medium, binding.address)
         # The binding and what hooks queue for it (onbind notifications) commit together.
         async with self._db.transaction():
-            await self._bindings.upsert(
-                binding, self._lookup.hash_of(binding.medium, binding.address)
-            )
+            await self._bindings.upsert(binding, hashes)
             for hook in self._on_bound:
                 await hook(binding)
         log.info("bound a %s 3PID to %s", binding.medium, mxid)

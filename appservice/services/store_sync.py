@@ -10,10 +10,11 @@ once (and again only when the pepper changes). One instance of several syncs a s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from appservice.clock import Clock
+from appservice.db.lookup_peppers import PepperState
 from appservice.db.store_threepids import StoreThreepidStore
 from appservice.identity_stores import IdentityStores, StoreError
 from appservice.identity_stores.base import IdentityStore
@@ -44,8 +45,7 @@ class StoreSyncService:
         self,
         stores: IdentityStores,
         copies: StoreThreepidStore,
-        hash_of: Callable[[str, str], str],
-        pepper: Callable[[], str],
+        pepper_state: Callable[[], Awaitable[PepperState]],
         interval_s: float,
         clock: Clock,
         metrics: Metrics | None = None,
@@ -53,8 +53,7 @@ class StoreSyncService:
         self._stores = stores
         self._metrics = metrics if metrics is not None else Metrics()
         self._copies = copies
-        self._hash_of = hash_of
-        self._pepper = pepper
+        self._pepper_state = pepper_state
         self._interval_ms = int(interval_s * 1000)
         self._clock = clock
         # Called after a sync added or changed entries (to resolve pending invites at once).
@@ -79,7 +78,8 @@ class StoreSyncService:
 
     async def sync(self, store: IdentityStore) -> SyncResult | None:
         """Sync one store now (the caller holds its lease); None when the store failed."""
-        pepper = self._pepper()
+        peppers = await self._pepper_state()
+        pepper = peppers.pepper
         try:
             current: dict[tuple[str, str], str] = {}
             async for entry in store.entries():
@@ -99,7 +99,7 @@ class StoreSyncService:
         rehash = state is None or state.pepper != pepper
         copied = {} if rehash else await self._copies.snapshot(store.name)
         upserts = [
-            (medium, address, mxid, self._hash_of(medium, address))
+            (medium, address, mxid, peppers.hashes(medium, address))
             for (medium, address), mxid in current.items()
             if copied.get((medium, address)) != mxid
         ]

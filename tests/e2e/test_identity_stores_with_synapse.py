@@ -30,7 +30,11 @@ def identity_settings(synapse: SynapseServer) -> dict[str, Any]:
         "stores": {
             "order": ["synapse"],
             "sync_interval": "1s",
-            "synapse": {"database_url": f"sqlite:{synapse.workdir / 'homeserver.db'}"},
+            # all: the 3PIDs below are added through the admin API, which binds none.
+            "synapse": {
+                "database_url": f"sqlite:{synapse.workdir / 'homeserver.db'}",
+                "threepids": "all",
+            },
         }
     }
 

@@ -58,6 +58,9 @@ async def _deactivate(server: SynapseServer, admin_token: str, user_id: str) -> 
 
 
 async def _started(url: str, default_server: str, **settings: str) -> SynapseStore:
+    """A started store; ``threepids: all`` unless given (these tests add 3PIDs through the
+    admin API, which binds none; the default is ``bound``)."""
+    settings.setdefault("threepids", "all")
     store = SynapseStore(SynapseStoreConfig(database_url=url, **settings), default_server)
     await store.start()
     return store

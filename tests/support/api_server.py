@@ -112,7 +112,9 @@ class Api:
         """Store a binding directly (as a completed bind would)."""
         now = self.server.clock.now_ms()
         binding = Binding(medium, address, mxid, now, now, now + 100 * 365 * 86_400_000)
-        await self.server.bindings.upsert(binding, self.server.lookup.hash_of(medium, address))
+        await self.server.bindings.upsert(
+            binding, await self.server.lookup.hashes_of(medium, address)
+        )
 
     async def register(self, localpart: str | None = None) -> tuple[str, str]:
         """Register a user of the fake homeserver; returns (user_id, IS access token)."""
