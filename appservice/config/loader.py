@@ -443,6 +443,7 @@ def _validate_durations(config: Config) -> None:
         "invites.delivery.retry_initial": delivery.retry_initial,
         "invites.delivery.homeserver_retry_initial": delivery.homeserver_retry_initial,
         "invites.delivery.lease": delivery.lease,
+        "invites.delivery.acceptance_window": delivery.acceptance_window,
         "invites.expiration.check_interval": invites.expiration.check_interval,
         "invites.resolution_interval": invites.resolution_interval,
     }

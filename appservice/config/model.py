@@ -232,6 +232,11 @@ class DeliveryConfig:
     poll_interval: Duration = Duration(5)  # noqa: RUF009 (an immutable float)
     # Deliveries in flight at once per instance.
     concurrency: int = 8
+    # How long an invite's ephemeral key stays valid after the homeserver first checked it during
+    # the delivery of its onbind (the onbind is signed with that key only): a repeat of the onbind
+    # after that (a crashed instance's notification sent again) is refused by the homeserver
+    # instead of inviting the user again. Keep it well below lease.
+    acceptance_window: Duration = Duration(2)  # noqa: RUF009 (an immutable float)
 
 
 @dataclass(frozen=True)

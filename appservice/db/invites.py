@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appservice.db.database import AppDatabase
+from appservice.db.work_queue import PENDING as OUTBOX_PENDING
 
 PENDING = "pending"
 BOUND = "bound"
@@ -213,6 +214,30 @@ class InviteStore:
             PENDING,
         )
         return value is not None
+
+    async def check_resolved_key(self, public_key: str, now_ms: int) -> int | None:
+        """A resolved invite's ephemeral key is checked while its onbind is in flight: record
+        the time of the first such check and return it (None: no invite with that key has an
+        onbind claimed or tried and not yet delivered). One statement, so of two concurrent
+        checks the second sees the first one's time."""
+        value = await self._db.fetchval(
+            "UPDATE invites SET ephemeral_checked_ts = COALESCE(ephemeral_checked_ts, $2)"
+            " WHERE ephemeral_public_key = $1 AND state <> $3 AND EXISTS ("
+            "SELECT 1 FROM onbind_outbox o WHERE o.invite_id = invites.id AND o.state = $4"
+            " AND (o.attempts > 0 OR o.claimed_by IS NOT NULL))"
+            " RETURNING ephemeral_checked_ts",
+            public_key,
+            now_ms,
+            PENDING,
+            OUTBOX_PENDING,
+        )
+        return int(value) if value is not None else None
+
+    async def reopen_acceptance(self, invite_id: str) -> None:
+        """Forget the first check of the invite's key (an operator retries its onbind)."""
+        await self._db.execute(
+            "UPDATE invites SET ephemeral_checked_ts = NULL WHERE id = $1", invite_id
+        )
 
     async def count_by_state(self) -> dict[str, int]:
         """How many invites are in each state (read from the index on state)."""

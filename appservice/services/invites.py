@@ -293,16 +293,40 @@ class InviteService:
         return signed
 
     async def ephemeral_key_valid(self, public_key: str) -> bool:
-        """Whether ``public_key`` belongs to a pending invite (resolved invites revoke it)."""
-        normalised = normalise_public_key(public_key)
-        return normalised is not None and await self._invites.has_pending_key(normalised)
+        """Whether ``public_key`` is the ephemeral key of a pending invite, or of a resolved one
+        whose onbind the homeserver is accepting now.
 
-    def _onbind_body(self, invite: Invite, mxid: str) -> dict[str, Any]:
-        # Signed with the key the invite was stored under: the room's invite event lists that key
-        # (and the ephemeral one), so the homeserver can check the signature after a rotation.
-        signed = self._keyring.sign(
-            {"mxid": mxid, "token": invite.token}, self._server_name, invite.signing_key_id
-        )
+        The onbind's ``signed`` block is signed with the ephemeral key only, so this answer
+        decides whether the homeserver accepts it. After resolution the key is valid only while
+        the onbind is in flight (claimed or tried, not yet delivered) and only for
+        ``delivery.acceptance_window`` after the first check then: a repeat of the onbind later
+        (an instance died before it saw the answer) is refused instead of inviting the user
+        again, who may have joined meanwhile.
+        """
+        normalised = normalise_public_key(public_key)
+        if normalised is None:
+            return False
+        if await self._invites.has_pending_key(normalised):
+            return True
+        now = self._clock.now_ms()
+        first_check = await self._invites.check_resolved_key(normalised, now)
+        window_ms = int(float(self._config.delivery.acceptance_window) * 1000)
+        return first_check is not None and now < first_check + window_ms
+
+    def _onbind_body(
+        self, invite: Invite, mxid: str, ephemeral_private_key: str | None
+    ) -> dict[str, Any]:
+        token_mxid = {"mxid": mxid, "token": invite.token}
+        if ephemeral_private_key is not None:
+            # Signed with the invite's ephemeral key only (the way sign-ed25519 signs), not with
+            # the always-valid long-term key: the homeserver then accepts it only while
+            # pubkey/ephemeral/isvalid says so, which is once (see ephemeral_key_valid).
+            key = signedjson.key.decode_signing_key_base64("ed25519", "0", ephemeral_private_key)
+            signed: dict[str, Any] = signedjson.sign.sign_json(token_mxid, self._server_name, key)
+        else:
+            # An invite stored before its ephemeral private key was kept: signed with the key the
+            # invite was stored under (the room's invite event lists it), as before.
+            signed = self._keyring.sign(token_mxid, self._server_name, invite.signing_key_id)
         body = {
             "medium": invite.medium,
             "address": invite.address,
@@ -332,13 +356,15 @@ class InviteService:
             raise ValueError(f"cannot deliver to {mxid!r}")
         now = self._clock.now_ms()
         async with self._db.transaction():
+            # Read before the resolution clears it.
+            private_key = await self._invites.ephemeral_private_key(invite.id)
             if not await self._invites.resolve(invite.id, state, mxid, now):
                 return False
             await self._outbox.enqueue(
                 secrets.token_urlsafe(12),
                 invite.id,
                 destination,
-                json.dumps(self._onbind_body(invite, mxid)),
+                json.dumps(self._onbind_body(invite, mxid, private_key)),
                 now,
             )
         log.info("invite %s resolved (%s); onbind queued for %s", invite.id, state, destination)
@@ -441,5 +467,8 @@ class InviteService:
         """Make an invite's undelivered notifications due again (admin command)."""
         count = await self._outbox.requeue(invite_id, self._clock.now_ms())
         if count:
+            # The operator's decision: its key may be accepted once more (a notification refused
+            # after its first check, e.g. the homeserver failed after checking the key).
+            await self._invites.reopen_acceptance(invite_id)
             self.notify_queued()
         return count

@@ -87,6 +87,13 @@ async def outbox_of(api: Api, invite_id: str) -> list[OutboxEntry]:
     return await OutboxStore(api.server.db).for_invite(invite_id)
 
 
+def verify_ephemeral_signature(api: Api, signed: dict[str, Any], ephemeral_key: str) -> None:
+    """Check an onbind's ``signed`` block carries a valid signature of the invite's ephemeral key
+    (``ed25519:0`` of the server name, as sign-ed25519 signs), and no other: not the long-term
+    key, which is always valid, so the homeserver accepts it only while the ephemeral key is."""
+    verify_server_signature(api, signed, PublicKey("ed25519:0", ephemeral_key))
+
+
 def verify_server_signature(api: Api, signed: dict[str, Any], key: PublicKey | None = None) -> None:
     """Check ``signed`` carries a valid signature of the server's long-term ``key`` (by default
     the current one), and no other."""
@@ -686,11 +693,12 @@ async def test_binding_the_invited_address_delivers_a_signed_onbind(api: Api) ->
             }
         ],
     }
-    verify_server_signature(api, sent["signed"])
+    verify_ephemeral_signature(api, sent["signed"], ephemeral_key)
     [entry] = await outbox_of(api, pending.id)
     assert (entry.state, entry.attempts) == (DELIVERED, 1)
 
-    # The ephemeral key is revoked; the long-term key stays valid for the homeserver's check.
+    # The ephemeral key is revoked once delivered (a repeat of the onbind would be refused);
+    # the long-term key stays valid.
     assert not await key_is_valid(api, f"https://id.test{EPHEMERAL_ISVALID}", ephemeral_key)
     assert await key_is_valid(
         api, f"https://id.test{ISVALID}", api.server.keyring.current.public_key
@@ -717,13 +725,14 @@ async def test_an_invite_stored_before_a_key_rotation_is_signed_with_its_own_key
 
     await bind(api, "bob@example.com", "bob")
     assert await api.server.delivery_job.run_once() == 2
-    signed = {
-        b["invites"][0]["signed"]["token"]: b["invites"][0]["signed"]
-        for b in api.homeserver.onbind_accepted
-    }
-    # Each onbind is signed with the key its room's invite event lists, which stays valid.
-    verify_server_signature(api, signed[before["token"]], old_key)
-    verify_server_signature(api, signed[after["token"]], new_key)
+    bodies = {b["invites"][0]["signed"]["token"]: b for b in api.homeserver.onbind_accepted}
+    # Each onbind request is signed with the long-term key its invite was stored under, which
+    # stays valid; its `signed` block with the ephemeral key its room's invite event lists.
+    for stored, key in ((before, old_key), (after, new_key)):
+        body = bodies[stored["token"]]
+        verify_server_signature(api, body, key)
+        ephemeral = stored["public_keys"][1]["public_key"]
+        verify_ephemeral_signature(api, body["invites"][0]["signed"], ephemeral)
     for key in (old_key, new_key):
         assert await key_is_valid(api, f"https://id.test{ISVALID}", key.public_key)
 
@@ -799,7 +808,7 @@ async def test_resolution_job_resolves_invites_of_addresses_bound_another_way(ap
     [body] = api.homeserver.onbind_accepted
     assert body["mxid"] == body["invites"][0]["mxid"] == "@bob:hs.test"
     assert body["invites"][0]["signed"]["token"] == pending.token
-    verify_server_signature(api, body["invites"][0]["signed"])
+    verify_ephemeral_signature(api, body["invites"][0]["signed"], pending.ephemeral_public_key)
     # Once only.
     assert await api.server.resolution_job.run_once() == 0
     assert len(await outbox_of(api, pending.id)) == 1

@@ -23,7 +23,7 @@ from tests.api.test_invites import (
     key_is_valid,
     outbox_of,
     stop_background_jobs,
-    verify_server_signature,
+    verify_ephemeral_signature,
 )
 from tests.support.api_server import Api
 
@@ -84,7 +84,7 @@ async def test_unanswered_invite_expires_to_the_invite_expired_user(
             "bob@example.com",
         )
     )
-    verify_server_signature(api, sent["signed"])
+    verify_ephemeral_signature(api, sent["signed"], pending.ephemeral_public_key)
 
     assert not await ephemeral_key_valid(api, pending)
     server_key = api.server.keyring.current.public_key

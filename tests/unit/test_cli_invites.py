@@ -314,16 +314,15 @@ def test_expire_queues_the_onbind_once(world: World, capsys: pytest.CaptureFixtu
     assert entry["state"] == "pending" and entry["attempts"] == 0
     assert entry["next_attempt"] is not None
 
-    # Signed with the server's own key, which homeservers can fetch.
+    # The request signed with the server's own key, which homeservers can fetch (its `signed`
+    # block with the invite's ephemeral key).
     (stored,) = _in_thread(_outbox(world.config, world.pending))
     body = json.loads(stored.body)
     assert body["mxid"] == "@_identity_invite_expired:localhost"
     assert body["address"] == "alice@example.org"
     with (world.config.parent / "data" / "signing.key").open() as f:
         (key,) = signedjson.key.read_signing_keys(f)
-    signedjson.sign.verify_signed_json(
-        body["invites"][0]["signed"], "localhost:8090", signedjson.key.get_verify_key(key)
-    )
+    signedjson.sign.verify_signed_json(body, "localhost:8090", signedjson.key.get_verify_key(key))
 
     assert _main("invites", "expire", world.pending, *world.c) == 1
     err = capsys.readouterr().err
