@@ -250,3 +250,58 @@ class TestFailedFirstExchange:
         status, answer = await post_onbind(synapse, json.loads(entry.body))
         assert (status, answer) == (200, {})
         await wait_for_member(synapse, alice_hs, room_id, frank, "invite")
+
+
+async def test_measured_duplicate_acceptances_per_replay(
+    synapse: SynapseServer, identity_server: RunningIdentityServer
+) -> None:
+    """Five joined invitees, each onbind replayed three times as sent (after the window) and once
+    with its `signed` block signed by the long-term key (as before): new invites counted."""
+    ids = identity_server
+    replays = {"ephemeral key, after the window": 0, "long-term key": 0}
+    duplicates = dict.fromkeys(replays, 0)
+    for n in range(5):
+        room_id, user, user_hs, alice_hs = await invited_and_bound(synapse, ids, f"m{n}_measure")
+        await join(synapse, room_id, user, user_hs, alice_hs)
+        body = json.loads((await delivered(ids, await invite_id_of(ids, room_id))).body)
+        await asyncio.sleep(WINDOW_S)
+        for _ in range(3):
+            status, _ = await post_onbind(synapse, body)
+            replays["ephemeral key, after the window"] += 1
+            duplicates["ephemeral key, after the window"] += status == 200
+        assert await memberships(synapse, alice_hs, room_id, user) == ["invite", "join"]
+        invite = body["invites"][0]
+        invite["signed"] = ids.server.keyring.sign(
+            {"mxid": user, "token": invite["signed"]["token"]}, ids.name
+        )
+        status, _ = await post_onbind(synapse, body)
+        replays["long-term key"] += 1
+        await wait_for_member(synapse, alice_hs, room_id, user, "invite")
+        duplicates["long-term key"] += (await memberships(synapse, alice_hs, room_id, user))[
+            -1
+        ] == "invite"
+    print(f"\nreplays and duplicate acceptances: {replays} {duplicates}")
+    assert duplicates == {"ephemeral key, after the window": 0, "long-term key": 5}
+
+
+async def test_the_residual_a_repeat_within_the_window_of_an_unrecorded_delivery(
+    synapse: SynapseServer, identity_server: RunningIdentityServer
+) -> None:
+    """What the window leaves: a repeat whose key check comes within acceptance_window of the
+    first one, while the delivery is not recorded (the sender died before it saw the 200), is
+    accepted. A real repeat comes a lease (10 s) after the sender's last renewal, so this needs
+    a homeserver that took longer than lease - acceptance_window to check the key."""
+    ids = identity_server
+    room_id, gus, gus_hs, alice_hs = await invited_and_bound(synapse, ids, "gus_residual")
+    await join(synapse, room_id, gus, gus_hs, alice_hs)
+    entry = await delivered(ids, await invite_id_of(ids, room_id))
+    # (claimed until far ahead: the running instance does not send it too)
+    await ids.server.db.execute(
+        "UPDATE onbind_outbox SET state = 'pending', delivered_ts = NULL, claimed_by = 'dead',"
+        " claimed_until = 9000000000000000, next_attempt_ts = 0 WHERE id = $1",
+        entry.id,
+    )
+    status, answer = await post_onbind(synapse, json.loads(entry.body))
+    assert (status, answer) == (200, {})
+    await wait_for_member(synapse, alice_hs, room_id, gus, "invite")
+    assert await memberships(synapse, alice_hs, room_id, gus) == ["invite", "join", "invite"]
