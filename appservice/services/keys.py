@@ -227,5 +227,6 @@ class KeyService:
         self._ephemeral_check = check
 
     async def ephemeral_is_valid(self, public_key: str) -> bool:
-        """Whether ``public_key`` is the ephemeral key of a pending invite."""
+        """Whether ``public_key`` is the ephemeral key of a pending invite, or of a resolved one
+        whose onbind is being accepted (see ``InviteService.ephemeral_key_valid``)."""
         return await self._ephemeral_check(public_key)
