@@ -51,6 +51,10 @@ Application service:
     ``invitee`` (the redacted address), ``sender``, ``invited_on`` (date, UTC),
     ``expired_after`` (e.g. "7 days"), ``room_id``; each may be empty for an invite that is
     not one of ours.
+``invite_withdrawn_reason.txt``
+    The reason shown when a room member withdrew an invite through the bot (``!3pid
+    withdraw``; one line). ``invitee``, ``sender``, ``invited_on``, ``room_id`` as above and
+    ``withdrawn_by`` (the Matrix ID of who withdrew it).
 
 Web pages (rendered by ``GET .../validate/email/submitToken``):
 
@@ -226,6 +230,23 @@ class MessageGenerator:
         )
         return " ".join(text.split())
 
+    def withdrawn_invite_reason(
+        self, *, invitee: str, sender: str, invited_on: str, withdrawn_by: str, room_id: str
+    ) -> str:
+        """The reason given when a room member withdrew an invite (one line), from
+        ``invite_withdrawn_reason.txt``."""
+        text = self._render(
+            "invite_withdrawn_reason.txt",
+            {
+                "invitee": invitee,
+                "sender": sender,
+                "invited_on": invited_on,
+                "withdrawn_by": withdrawn_by,
+                "room_id": room_id,
+            },
+        )
+        return " ".join(text.split())
+
     def page(self, name: str, **variables: Any) -> str:
         """A web page, e.g. ``page("validation_failure", reason="...")``.
 
@@ -328,6 +349,13 @@ class MessageGenerator:
             )
             self.expired_invite_reason(
                 invitee="", sender="", invited_on="", expired_after="", room_id=""
+            )
+            self.withdrawn_invite_reason(
+                invitee="a…@e…",
+                sender="@bob:example.org",
+                invited_on="2026-11-02",
+                withdrawn_by="@alice:example.org",
+                room_id="!room:example.org",
             )
             self.page("validation_success")
             self.page("validation_failure", reason="The link has expired.")

@@ -262,3 +262,24 @@ def test_an_invite_template_gets_every_store_invite_field(tmp_path: Path) -> Non
     lines = dict(line.split("=", 1) for line in msg.text.splitlines())
     assert lines.pop("to") == "[carol@example.com]"
     assert lines == {name: f"[value-of-{name}]" for name in INVITE_FIELDS}
+
+
+def test_withdrawn_invite_reason_names_who_withdrew_it(tmp_path: Path) -> None:
+    reason = make_generator().withdrawn_invite_reason(
+        invitee="d…@e…",
+        sender="@carol:example.org",
+        invited_on="2026-11-02",
+        withdrawn_by="@alice:example.org",
+        room_id="!room:example.org",
+    )
+    assert reason == (
+        "The invitation sent to d…@e… by @carol:example.org on 2026-11-02"
+        " was withdrawn by @alice:example.org."
+    )
+    (tmp_path / "invite_withdrawn_reason.txt").write_text("Gone ({{ withdrawn_by }})\n")
+    assert (
+        make_generator(tmp_path).withdrawn_invite_reason(
+            invitee="", sender="", invited_on="", withdrawn_by="@a:b", room_id=""
+        )
+        == "Gone (@a:b)"
+    )
