@@ -150,6 +150,27 @@ class InviteStore:
         )
         return row is not None
 
+    async def pending_in_room(self, room_id: str) -> list[Invite]:
+        """Pending invites of one room, oldest first."""
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM invites WHERE room_id = $1 AND state = $2"
+            " ORDER BY created_ts, id",
+            room_id,
+            PENDING,
+        )
+        return [_invite(row) for row in rows]
+
+    async def set_withdrawn_by(self, invite_id: str, user_id: str) -> None:
+        """Note who withdrew an invite (in the transaction that resolves it)."""
+        await self._db.execute(
+            "UPDATE invites SET withdrawn_by = $2 WHERE id = $1", invite_id, user_id
+        )
+
+    async def withdrawn_by(self, invite_id: str) -> str | None:
+        """Who withdrew an invite through the bot, None when nobody did."""
+        value = await self._db.fetchval("SELECT withdrawn_by FROM invites WHERE id = $1", invite_id)
+        return value if isinstance(value, str) else None
+
     async def pending_created_before(self, cutoff_ms: int, limit: int) -> list[Invite]:
         """Pending invites created before ``cutoff_ms`` (the expired ones), oldest first."""
         rows = await self._db.fetch(

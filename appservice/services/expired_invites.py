@@ -162,6 +162,15 @@ class ExpiredInviteService:
             invited_on = datetime.datetime.fromtimestamp(
                 invite.created_ts / 1000, datetime.UTC
             ).strftime("%Y-%m-%d")
+            withdrawn_by = await self._invites.withdrawn_by(invite.id)
+            if withdrawn_by is not None:
+                return self._generator.withdrawn_invite_reason(
+                    invitee=invite.display_name,
+                    sender=invite.sender,
+                    invited_on=invited_on,
+                    withdrawn_by=withdrawn_by,
+                    room_id=invite.room_id,
+                )
             return self._generator.expired_invite_reason(
                 invitee=invite.display_name,
                 sender=invite.sender,

@@ -409,6 +409,20 @@ class InviteService:
             self.notify_queued()
         return done
 
+    async def withdraw(self, invite_id: str, by: str) -> bool:
+        """Withdraw one pending invite for a room member (the bot's ``withdraw``): exactly like
+        an expiry, and ``by`` is noted in the same transaction for the rejection reason."""
+        invite = await self._invites.by_id(invite_id)
+        if invite is None or invite.state != PENDING:
+            return False
+        async with self._db.transaction():
+            done = await self._resolve(invite, EXPIRED, self._expired_user_id)
+            if done:
+                await self._invites.set_withdrawn_by(invite.id, by)
+        if done:
+            self.notify_queued()
+        return done
+
     async def resolve_bound(self) -> int:
         """Resolve pending invites whose 3PID is bound by now (however it got bound), or known
         to an identity store: bindings first, then the stores in their configured order."""

@@ -15,6 +15,7 @@ import yaml
 from appservice.app import IdentityServer
 from appservice.clock import FakeClock
 from appservice.db.appservice import LEAVE, PENDING, REJECT
+from appservice.db.invites import InviteStore
 from appservice.services.expired_invites import TRANSACTION_MEMORY_S, human_duration
 from tests.api.test_invites import ROOM, invite
 from tests.matrix.conftest import (
@@ -443,3 +444,21 @@ async def test_user_query_is_502_when_the_user_cannot_be_registered(
     assert await homeserver_side.request("GET", path) == (200, {})
     assert len(client_api.calls_of("register")) == 3
     assert user_id in client_api.registered
+
+
+async def test_an_invite_withdrawn_by_a_member_is_rejected_naming_them(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    invites = quiet.server.invites
+    assert await invites.withdraw(pending.id, "@alice:hs.test")
+    assert not await invites.withdraw(pending.id, "@alice:hs.test")  # once
+    resolved = await InviteStore(quiet.server.db).by_id(pending.id)
+    assert resolved is not None
+    assert (resolved.state, resolved.resolved_mxid) == ("expired", EXPIRED_USER)
+    event = member_event(EXPIRED_USER, "invite", sender=pending.sender, token=pending.token)
+    assert await homeserver_side.transaction("w1", [event]) == (200, {})
+    [action] = await actions_of(quiet.server)
+    assert action.kind == REJECT
+    assert action.reason.endswith(" was withdrawn by @alice:hs.test.")
+    assert action.reason.startswith(f"The invitation sent to {pending.display_name} by ")
