@@ -14,10 +14,12 @@ room's ``kick`` level. Power levels as the spec defines them:
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from appservice.db.invites import Invite
+from appservice.db.invites import Invite, InviteStore
+from appservice.services.invites import InviteService
 
 DEFAULT_KICK = 50
 CREATOR_WITHOUT_POWER_LEVELS = 100
@@ -82,3 +84,57 @@ def match_invite(invites: Sequence[Invite], given: str) -> list[Invite]:
     if exact:
         return exact
     return [i for i in invites if i.id.startswith(given)]
+
+
+def _date(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class RoomInviteCommands:
+    """What the bot answers to ``list`` and ``withdraw`` in a room (the text of its notice)."""
+
+    def __init__(
+        self, store: InviteStore, invites: InviteService, expire_after_s: float | None
+    ) -> None:
+        self._store = store
+        self._invites = invites
+        # None: invites do not expire.
+        self._expire_after_s = expire_after_s
+
+    async def list_notice(self, room_id: str) -> str:
+        """The room's pending 3PID invites, one per line."""
+        pending = await self._store.pending_in_room(room_id)
+        if not pending:
+            return "No pending invites to email addresses in this room."
+        lines = [f"Pending invites ({len(pending)}):"]
+        for invite in pending:
+            expires = (
+                _date(invite.created_ts + int(self._expire_after_s * 1000))
+                if self._expire_after_s is not None
+                else "never"
+            )
+            lines.append(
+                f"{short_id(invite)}  {invite.display_name}  by {invite.sender}"
+                f"  on {_date(invite.created_ts)}  expires {expires}"
+            )
+        return "\n".join(lines)
+
+    async def withdraw_notice(
+        self, room_id: str, given: str, user_id: str, powers: RoomPowers
+    ) -> str:
+        """Withdraw the room's invite named by ``given`` for ``user_id`` if the rule allows."""
+        matches = match_invite(await self._store.pending_in_room(room_id), given)
+        if not matches:
+            return f"No pending invite {given!r} in this room (see list)."
+        if len(matches) > 1:
+            ids = ", ".join(short_id(i) for i in matches)
+            return f"{given!r} names {len(matches)} invites ({ids}): give more of the id."
+        [invite] = matches
+        if not may_withdraw(invite, user_id, powers):
+            return (
+                f"You may not withdraw {short_id(invite)}: only its sender or members"
+                f" with power level {powers.kick} (kick) may."
+            )
+        if not await self._invites.withdraw(invite.id, user_id):
+            return f"Invite {short_id(invite)} was resolved meanwhile; nothing changed."
+        return f"Withdrew the invite {short_id(invite)} to {invite.display_name}."
