@@ -6,6 +6,7 @@ Only a message that starts with the command prefix is a command; everything else
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_PREFIX = "!3pid"
 
@@ -53,3 +54,29 @@ def parse_command(body: str, prefix: str = DEFAULT_PREFIX) -> Command | None:
 def help_text(prefix: str = DEFAULT_PREFIX) -> str:
     """What ``help`` answers."""
     return HELP_TEXT.format(prefix=prefix)
+
+
+BOT_JOIN = "bot_join"
+BOT_COMMAND = "bot_command"
+
+
+def bot_action_for(
+    event: dict[str, Any], bot_user_id: str, our_users: frozenset[str], prefix: str
+) -> tuple[str, str, str] | None:
+    """(kind, room_id, event_id) of what the bot must do for a transaction's event, else None:
+    join when invited, answer a command message. Messages of our own users (the bot, the
+    inviteExpired user) and notices (what bots send) are never commands."""
+    room_id, event_id = event.get("room_id"), event.get("event_id")
+    content = event.get("content")
+    if not isinstance(room_id, str) or not isinstance(event_id, str):
+        return None
+    if not isinstance(content, dict):
+        return None
+    if event.get("type") == "m.room.member" and event.get("state_key") == bot_user_id:
+        return (BOT_JOIN, room_id, event_id) if content.get("membership") == "invite" else None
+    if event.get("type") != "m.room.message" or event.get("sender") in our_users:
+        return None
+    body = content.get("body")
+    if content.get("msgtype") == "m.notice" or not isinstance(body, str):
+        return None
+    return (BOT_COMMAND, room_id, event_id) if parse_command(body, prefix) else None

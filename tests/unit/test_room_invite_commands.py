@@ -7,7 +7,17 @@ from typing import Any
 import pytest
 
 from appservice.db.invites import PENDING, Invite
-from appservice.matrix.bot import HELP, LIST, UNKNOWN, WITHDRAW, Command, parse_command
+from appservice.matrix.bot import (
+    BOT_COMMAND,
+    BOT_JOIN,
+    HELP,
+    LIST,
+    UNKNOWN,
+    WITHDRAW,
+    Command,
+    bot_action_for,
+    parse_command,
+)
 from appservice.services.room_invites import (
     CREATOR_POWER,
     RoomPowers,
@@ -127,3 +137,33 @@ def test_an_invite_is_named_by_its_id_or_a_unique_prefix() -> None:
     assert match_invite(both, "b") == []
     assert match_invite(both, "  ") == []
     assert match_invite(both, first.id) == [first]
+
+
+BOT_ID = "@_identity_bot:example.org"
+OURS = frozenset({BOT_ID, "@_identity_invite_expired:example.org"})
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"room_id": "!r:example.org", "event_id": "$e", "sender": ALICE, **fields}
+
+
+def message(body: str, msgtype: str = "m.text", **fields: Any) -> dict[str, Any]:
+    content = {"msgtype": msgtype, "body": body}
+    return event(type="m.room.message", content=content, **fields)
+
+
+def test_the_bot_joins_when_invited_and_answers_commands_only() -> None:
+    invited = event(type="m.room.member", state_key=BOT_ID, content={"membership": "invite"})
+    assert bot_action_for(invited, BOT_ID, OURS, "!3pid") == (BOT_JOIN, "!r:example.org", "$e")
+    left = event(type="m.room.member", state_key=BOT_ID, content={"membership": "leave"})
+    assert bot_action_for(left, BOT_ID, OURS, "!3pid") is None
+    command = message("!3pid list")
+    assert bot_action_for(command, BOT_ID, OURS, "!3pid") == (BOT_COMMAND, "!r:example.org", "$e")
+    assert bot_action_for(message("hello"), BOT_ID, OURS, "!3pid") is None
+
+
+def test_the_bot_ignores_our_own_users_and_notices() -> None:
+    for sender in OURS:
+        assert bot_action_for(message("!3pid list", sender=sender), BOT_ID, OURS, "!3pid") is None
+    assert bot_action_for(message("!3pid list", "m.notice"), BOT_ID, OURS, "!3pid") is None
+    assert bot_action_for(event(type="m.room.message", content=[]), BOT_ID, OURS, "!3pid") is None
