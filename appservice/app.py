@@ -456,8 +456,17 @@ class IdentityServer:
         from mautrix.appservice.state_store.asyncpg import PgASStateStore
         from mautrix.types import UserID
 
+        from appservice.db.appservice import RoomAction
         from appservice.matrix.actions import RoomActionWorker
         from appservice.matrix.appservice import IdentityAppService
+        from appservice.matrix.bot import (
+            BOT_COMMAND,
+            BOT_JOIN,
+            DEFAULT_PREFIX,
+            RoomBot,
+            bot_action_for,
+        )
+        from appservice.services.room_invites import RoomInviteCommands
 
         config = self.config.appservice
         matrix = IdentityAppService(
@@ -475,12 +484,30 @@ class IdentityServer:
             ) from None
         self.matrix = matrix
         log.info("appservice listening on %s:%d", config.listen.host, config.listen.port)
+        expiration = self.config.invites.expiration
+        bot = RoomBot(
+            RoomInviteCommands(
+                InviteStore(self.db),
+                self.invites,
+                float(expiration.after) if expiration.enabled else None,
+            )
+        )
+        our_users = frozenset({matrix.bot_mxid, self.invites.expired_user_id})
+        self.expired_invites.bot_user_id = matrix.bot_mxid
+        self.expired_invites.bot_action_for = lambda event: bot_action_for(
+            event, matrix.bot_mxid, our_users, DEFAULT_PREFIX
+        )
+
+        async def perform_bot_action(intent: Any, action: RoomAction) -> None:
+            await bot.perform(intent, action.kind, action.room_id, action.event_id)
+
         self.action_worker = worker = RoomActionWorker(
             self.appservice_store,
             lambda user_id: matrix.intent.user(UserID(user_id)),
             self.clock,
             post_notice=config.post_notice,
             metrics=self.metrics,
+            performers={BOT_JOIN: perform_bot_action, BOT_COMMAND: perform_bot_action},
         )
         self.actions_job = PeriodicJob("appservice-actions", ACTIONS_POLL_S, worker.perform_due)
         self.expired_invites.on_recorded = self.actions_job.wake

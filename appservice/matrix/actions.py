@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mautrix.errors import IntentError, MatrixConnectionError, MatrixRequestError
@@ -43,7 +43,10 @@ class RoomActionWorker:
         post_notice: bool = False,
         metrics: Metrics | None = None,
         owner: str | None = None,
+        performers: Mapping[str, Callable[[Any, RoomAction], Awaitable[None]]] | None = None,
     ) -> None:
+        # Other kinds of action (the bot's) and what performs them with the action's intent.
+        self._performers = dict(performers or {})
         self._store = store
         # Who holds the claims of this worker: one id per process.
         self.owner = owner or f"actions-{secrets.token_hex(6)}"
@@ -96,6 +99,8 @@ class RoomActionWorker:
                 await self._notice_and_leave(intent, room_id, action.reason)
             elif action.kind in (REJECT, LEAVE):
                 await intent.leave_room(room_id, reason=action.reason or None)
+            elif action.kind in self._performers:
+                await self._performers[action.kind](intent, action)
             else:
                 await self._store.mark_failed(
                     action.id, attempts, f"unknown kind {action.kind}", claim=claim

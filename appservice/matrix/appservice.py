@@ -13,13 +13,13 @@ import hmac
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
 from mautrix.appservice import AppService, AppServiceAPI
 from mautrix.appservice.state_store import ASStateStore
-from mautrix.types import UserID
+from mautrix.types import JSON, StateEvent, UserID
 
 from appservice.api.http import (
     SERVER_LOG,
@@ -145,6 +145,19 @@ class IdentityAppService(AppService):
             ) from None
         return json_response({})
 
+    async def _update_state_store(self, events: list[dict[str, Any]]) -> None:
+        """Keep mautrix's state store (power levels, create events, memberships) current with
+        the rooms' state events, as mautrix's own transaction handler does; the bot reads the
+        power levels from it. A cache: an event it cannot take is logged and skipped."""
+        for raw in events:
+            if "state_key" not in raw:
+                continue
+            try:
+                event = StateEvent.deserialize(cast(JSON, raw))
+                await self.state_store.update_state(event)
+            except Exception as e:  # a malformed event, or the database: the cache may lag
+                log.warning("state store not updated for %s: %s", raw.get("event_id"), e)
+
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
         txn_id = request.match_info["transaction_id"]
         body = await json_body(request)
@@ -152,6 +165,7 @@ class IdentityAppService(AppService):
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise bad_json("events must be a list of events")
         transactions = self._metrics.appservice_transactions
+        await self._update_state_store(events)
         try:
             await self._on_transaction(txn_id, events)
         except Exception:  # the homeserver must retry: nothing may be lost

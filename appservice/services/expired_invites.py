@@ -87,6 +87,10 @@ class ExpiredInviteService:
         self._clock = clock
         self.expired_user_id = expired_user_id
         self._expire_after_s = expire_after_s
+        # The bot's actions (kind, room_id, event_id) for an event, recorded in the same
+        # transaction as the inviteExpired user's (set when the appservice runs, see matrix/bot.py).
+        self.bot_action_for: Callable[[dict[str, Any]], tuple[str, str, str] | None] | None = None
+        self.bot_user_id = ""
         # Wakes the job that performs actions (after the transaction committed).
         self.on_recorded: Callable[[], None] = lambda: None
 
@@ -107,6 +111,9 @@ class ExpiredInviteService:
                 )
             for event in events:
                 action = self._action_for(event)
+                user_id = self.expired_user_id
+                if action is None and self.bot_action_for is not None:
+                    action, user_id = self.bot_action_for(event), self.bot_user_id
                 if action is None:
                     continue
                 kind, room_id, event_id = action
@@ -117,7 +124,7 @@ class ExpiredInviteService:
                     secrets.token_urlsafe(12),
                     kind,
                     room_id,
-                    self.expired_user_id,
+                    user_id,
                     reason,
                     event_id,
                     now,

@@ -243,7 +243,7 @@ async def test_a_retried_transaction_records_nothing_new(
 
 async def test_unrelated_events_are_ignored(quiet: Api, homeserver_side: HomeserverSide) -> None:
     other_invite = member_event("@carol:hs.test", "invite")
-    bot_invite = member_event(BOT, "invite")
+    bot_left = member_event(BOT, "leave")
     elsewhere = member_event("@_identity_invite_expired:other.test", "invite")
     left = member_event(EXPIRED_USER, "leave")
     banned = member_event(EXPIRED_USER, "ban")
@@ -254,7 +254,7 @@ async def test_unrelated_events_are_ignored(quiet: Api, homeserver_side: Homeser
     not_state = {k: v for k, v in member_event(EXPIRED_USER, "invite").items() if k != "state_key"}
     events = [
         other_invite,
-        bot_invite,
+        bot_left,
         elsewhere,
         left,
         banned,
@@ -462,3 +462,13 @@ async def test_an_invite_withdrawn_by_a_member_is_rejected_naming_them(
     assert action.kind == REJECT
     assert action.reason.endswith(" was withdrawn by @alice:hs.test.")
     assert action.reason.startswith(f"The invitation sent to {pending.display_name} by ")
+
+
+async def test_an_invite_of_the_bot_records_its_join(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    event = member_event(BOT, "invite")
+    assert await homeserver_side.transaction("b1", [event]) == (200, {})
+    assert await homeserver_side.transaction("b1", [event]) == (200, {})  # a retry
+    [action] = await actions_of(quiet.server)
+    assert (action.kind, action.user_id, action.event_id) == ("bot_join", BOT, event["event_id"])
