@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = "config.yaml"
 CONSOLE_SCRIPT = "matrix-identity-appservice"
 DEFAULT_INVITE_LIMIT = 100
+NO_PEPPER_YET = "pepper: none yet; the server makes it on its first start"
 
 
 def _listen_address(value: str) -> tuple[str, int]:
@@ -603,13 +604,25 @@ async def _retry(server: IdentityServer, invite: Invite, outbox: OutboxStore) ->
 
 
 async def _pepper(config: Config, action: str) -> int:
-    """``pepper show|rotate``; returns the exit status."""
-    from appservice.services.pepper_rotation import RotationRefused
+    """``pepper show|rotate``; returns the exit status. Needs no key file; ``show`` creates
+    nothing."""
+    from appservice.db.lookup_peppers import PepperStore
+    from appservice.db.server_state import ServerStateStore
+    from appservice.services.lookup import ensure_pepper
+    from appservice.services.pepper_rotation import PepperRotation, RotationRefused
 
-    async with open_server(config) as server:
+    db = AppDatabase(config.database.url)
+    if action == "show" and not db.exists():
+        print(f"{NO_PEPPER_YET} (no database)", file=sys.stderr)
+        return 1
+    await db.start()
+    try:
+        peppers, clock = PepperStore(db), Clock()
         if action == "rotate":
+            await db.migrate()
+            await ensure_pepper(ServerStateStore(db), peppers, clock)
             try:
-                result = await server.pepper_rotation.rotate()
+                result = await PepperRotation(peppers, config.lookup, clock).rotate()
             except RotationRefused as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
@@ -618,8 +631,11 @@ async def _pepper(config: Config, action: str) -> int:
                 f"{done}: generation {result.generation}, {result.rows} rows rehashed in "
                 f"{result.seconds:.1f} s; instances switch within a few seconds"
             )
-        state = await server.lookup.refresh_pepper()
-        now = server.clock.now_ms()
+        state = await peppers.find() if await db.has_table("lookup_pepper") else None
+        if state is None:
+            print(NO_PEPPER_YET, file=sys.stderr)
+            return 1
+        now = clock.now_ms()
         fields: list[tuple[str, object]] = [
             ("generation", state.generation),
             ("current since", _iso(state.since_ts)),
@@ -636,6 +652,8 @@ async def _pepper(config: Config, action: str) -> int:
         if state.claimed_until >= now:
             fields.append(("lease", f"{state.claimed_by} until {_iso(state.claimed_until)}"))
         _print_fields(fields)
+    finally:
+        await db.stop()
     return 0
 
 

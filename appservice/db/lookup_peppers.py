@@ -96,12 +96,18 @@ class PepperStore:
             now_ms,
         )
 
-    async def load(self) -> PepperState:
-        """The current state: one primary-key read (on SQLite in place, see AppDatabase.read)."""
+    async def find(self) -> PepperState | None:
+        """The current state, None before the first start: one primary-key read (on SQLite in
+        place, see AppDatabase.read)."""
         row = await self._db.read_row(f"SELECT {_STATE_COLUMNS} FROM lookup_pepper WHERE id = 1")
-        if row is None:
+        return _state(row) if row is not None else None
+
+    async def load(self) -> PepperState:
+        """The current state (made by :meth:`ensure`)."""
+        state = await self.find()
+        if state is None:
             raise RuntimeError("lookup_pepper has no row (LookupService.start() creates it)")
-        return _state(row)
+        return state
 
     async def _update(self, assignments: str, where: str, *args: Any) -> PepperState | None:
         row = await self._db.fetchrow(

@@ -34,6 +34,13 @@ STORE_ASSOCIATION_VALIDITY_MS = 24 * 3600 * 1000
 _SHA256_HASH = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
+async def ensure_pepper(state: ServerStateStore, peppers: PepperStore, clock: Clock) -> None:
+    """Create the pepper state on first use: generation 0 is the pepper kept in ``server_state``
+    before rotation existed, or a new one."""
+    first = await state.get_or_create(PEPPER_KEY, new_pepper())
+    await peppers.ensure(first, clock.now_ms())
+
+
 class LookupService:
     """Answers lookups from the bindings table, then from the identity stores in their order.
 
@@ -75,8 +82,7 @@ class LookupService:
 
     async def start(self) -> None:
         """Load the pepper shared by all instances (created on first start)."""
-        first = await self._state.get_or_create(PEPPER_KEY, new_pepper())
-        await self._peppers.ensure(first, self._clock.now_ms())
+        await ensure_pepper(self._state, self._peppers, self._clock)
         await self.refresh_pepper()
 
     async def refresh_pepper(self) -> PepperState:
