@@ -462,7 +462,6 @@ class IdentityServer:
         from appservice.matrix.bot import (
             BOT_COMMAND,
             BOT_JOIN,
-            DEFAULT_PREFIX,
             RoomBot,
             bot_action_for,
         )
@@ -490,12 +489,13 @@ class IdentityServer:
                 InviteStore(self.db),
                 self.invites,
                 float(expiration.after) if expiration.enabled else None,
-            )
+            ),
+            config.bot_command_prefix,
         )
         our_users = frozenset({matrix.bot_mxid, self.invites.expired_user_id})
         self.expired_invites.bot_user_id = matrix.bot_mxid
         self.expired_invites.bot_action_for = lambda event: bot_action_for(
-            event, matrix.bot_mxid, our_users, DEFAULT_PREFIX
+            event, matrix.bot_mxid, our_users, config.bot_command_prefix
         )
 
         async def perform_bot_action(intent: Any, action: RoomAction) -> None:

@@ -388,6 +388,9 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"appservice.{key}: not a valid Matrix localpart")
     if appservice.bot_localpart == appservice.expired_user_localpart:
         raise ConfigError("appservice.expired_user_localpart: must differ from bot_localpart")
+    prefix = appservice.bot_command_prefix
+    if not prefix or prefix.split() != [prefix]:
+        raise ConfigError("appservice.bot_command_prefix: must be one word, without spaces")
     for key in ("homeserver_url", "url"):
         if not getattr(appservice, key).startswith(("http://", "https://")):
             raise ConfigError(f"appservice.{key}: not an http(s) URL")

@@ -424,6 +424,8 @@ class AppserviceConfig:
     listen: AppserviceListenConfig = field(default_factory=AppserviceListenConfig)
     # Localpart of the appservice's bot user (the registration's sender_localpart).
     bot_localpart: str = "_identity_bot"
+    # What a room message must start with to be a command for the bot (docs/room-admins.md).
+    bot_command_prefix: str = "!3pid"
     # Localpart of the user that expired invites are resolved to; the appservice rejects them.
     expired_user_localpart: str = "_identity_invite_expired"
     # Instead of rejecting an expired invite with a reason: join, post the reason as m.notice,

@@ -69,6 +69,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
         ("- a\n- b", "config: the top level must be a mapping"),
         ("a: [", "config: not valid YAML at line"),
         ("listen: {tls_cert: cert.pem}", "listen.tls_cert: tls_cert and tls_key must be set"),
+        (
+            "appservice: {bot_command_prefix: '!3pid please'}",
+            "appservice.bot_command_prefix: must be one word",
+        ),
     ],
 )
 def test_mistakes_stop_with_one_line_naming_the_key(
