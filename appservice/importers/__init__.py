@@ -1,0 +1,1 @@
+"""Importers that move a live deployment of another identity server over (issue 18)."""
