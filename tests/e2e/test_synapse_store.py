@@ -415,7 +415,7 @@ async def test_postgres_synapse_bound_mode(synapse_postgres: PostgresSynapse) ->
             "stores.synapse.threepids: .* not all or bound",
         ),
         (
-            {"database_url": "sqlite:/hs.db", "id_server": "is.example"},
+            {"database_url": "sqlite:/hs.db", "threepids": "all", "id_server": "is.example"},
             "stores.synapse.id_server: only used with threepids: bound",
         ),
     ],
