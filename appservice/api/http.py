@@ -172,6 +172,16 @@ def string_field(body: dict[str, Any], name: str) -> str:
     return value
 
 
+def optional_string_field(body: dict[str, Any], name: str) -> str | None:
+    """An optional string field; absent, null or empty is None."""
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad_json(f"{name} must be a string")
+    return value
+
+
 # The integers Matrix's canonical JSON allows; beyond them a value overflows the databases'
 # 64-bit columns (or means nothing a client could have counted to).
 MAX_JSON_INT = 2**53 - 1

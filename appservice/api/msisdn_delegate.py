@@ -29,7 +29,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from aiohttp import web
 
@@ -40,11 +39,12 @@ from appservice.api.http import (
     int_field,
     json_body,
     json_response,
+    optional_string_field,
     query_param,
     require_fields,
     string_field,
 )
-from appservice.errors import bad_json, forbidden
+from appservice.errors import forbidden
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,6 @@ PREFIX = "/_matrix/identity/api/v1"
 REQUEST_TOKEN = f"{PREFIX}/validate/msisdn/requestToken"
 SUBMIT_TOKEN = f"{PREFIX}/validate/msisdn/submitToken"
 GET_VALIDATED = f"{PREFIX}/3pid/getValidated3pid"
-
-
-def _optional_string(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise bad_json(f"{name} must be a string")
-    return value
 
 
 def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
@@ -90,7 +81,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
             country=string_field(body, "country"),
             phone_number=string_field(body, "phone_number"),
             send_attempt=int_field(body, "send_attempt"),
-            next_link=_optional_string(body, "next_link"),
+            next_link=optional_string_field(body, "next_link"),
             requester_ip=ip,
             delegate=delegate,
         )

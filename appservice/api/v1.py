@@ -38,6 +38,7 @@ from appservice.api.http import (
     int_field,
     json_body,
     json_response,
+    optional_string_field,
     query_param,
     require_fields,
     string_field,
@@ -98,15 +99,6 @@ def _form_int(args: dict[str, Any], name: str) -> int:
     return int_field(args, name)
 
 
-def _optional_string(args: dict[str, Any], name: str) -> str | None:
-    value = args.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise bad_json(f"{name} must be a string")
-    return value
-
-
 def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
     """Register the v1 handlers (unauthenticated, as v1 was)."""
 
@@ -149,7 +141,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
             client_secret=string_field(args, "client_secret"),
             email=string_field(args, "email"),
             send_attempt=_form_int(args, "send_attempt"),
-            next_link=_optional_string(args, "next_link"),
+            next_link=optional_string_field(args, "next_link"),
             requester_ip=client_ip(request, ctx.trusted_proxies),
         )
         return json_response({"sid": sid})

@@ -14,22 +14,14 @@ from appservice.api.http import (
     int_field,
     json_body,
     json_response,
+    optional_string_field,
     query_param,
     require_fields,
     string_field,
 )
-from appservice.errors import MatrixError, bad_json
+from appservice.errors import MatrixError
 
 PREFIX = "/_matrix/identity/v2"
-
-
-def _optional_string(body: dict[str, Any], name: str) -> str | None:
-    value = body.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise bad_json(f"{name} must be a string")
-    return value
 
 
 def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
@@ -43,7 +35,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
             client_secret=string_field(body, "client_secret"),
             email=string_field(body, "email"),
             send_attempt=int_field(body, "send_attempt"),
-            next_link=_optional_string(body, "next_link"),
+            next_link=optional_string_field(body, "next_link"),
             requester_ip=client_ip(request, ctx.trusted_proxies),
         )
         return json_response({"sid": sid})
@@ -57,7 +49,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
             country=string_field(body, "country"),
             phone_number=string_field(body, "phone_number"),
             send_attempt=int_field(body, "send_attempt"),
-            next_link=_optional_string(body, "next_link"),
+            next_link=optional_string_field(body, "next_link"),
             requester_ip=client_ip(request, ctx.trusted_proxies),
         )
         return json_response({"sid": sid})
