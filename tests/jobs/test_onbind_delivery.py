@@ -263,6 +263,25 @@ class TestGiveUp:
         assert await deliver(api) == 1
 
 
+    async def test_notifications_to_a_homeserver_down_past_the_give_up_age_are_failed(
+        self, api: Api, clock: FakeClock
+    ) -> None:
+        probed = await queued_onbind(api)
+        waiting = await queued_onbind(api, "carol@example.com", "@carol:hs.test")
+        await api.homeserver.go_down()
+        try:
+            for _ in range(60 // 5 + 2):  # the job every 5 s for a little over a minute
+                assert await deliver(api) == 0
+                clock.advance(5)
+        finally:
+            await api.homeserver.come_up()
+        for pending in (probed, waiting):
+            [entry] = await outbox_of(api, pending.id)
+            assert entry.state == FAILED
+            assert entry.last_error is not None and entry.last_error.startswith("gave up")
+        assert api.homeserver.onbind_accepted == []
+
+
 async def test_notifications_of_a_worker_killed_mid_batch_are_delivered_after_the_lease(
     api: Api, clock: FakeClock
 ) -> None:
