@@ -262,7 +262,6 @@ class TestGiveUp:
         assert await api.server.invites.retry(pending.id) == 1
         assert await deliver(api) == 1
 
-
     async def test_notifications_to_a_homeserver_down_past_the_give_up_age_are_failed(
         self, api: Api, clock: FakeClock
     ) -> None:
