@@ -16,8 +16,10 @@ from pathlib import Path
 
 import nacl.signing
 
+from appservice.importers.model import ImportFailed
 
-class SydentImportError(Exception):
+
+class SydentImportError(ImportFailed):
     """A sydent file that cannot be read; the message is one line."""
 
 
