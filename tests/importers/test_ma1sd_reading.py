@@ -50,7 +50,8 @@ async def test_reads_pending_invites_keys_and_counts_resolved(
     ma1sd_db: str, tmp_path: Path
 ) -> None:
     keys = Ma1sdKeys(tmp_path / "keys")
-    revoked_serial, revoked_seed = keys.new_regular(current=False, valid=False)
+    # About one ma1sd serial in ten holds a "-" (URL-safe base64).
+    revoked_serial, revoked_seed = keys.new_regular(current=False, valid=False, dash=True)
     old_serial, old_seed = keys.new_regular(current=False)
     serial, seed = keys.new_regular()
     created = int(time.time() * 1000) - 3_600_000

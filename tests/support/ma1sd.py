@@ -45,12 +45,17 @@ _INVITE_COLUMNS = ("id", "token", "sender", "medium", "address", "roomId", "prop
 _HISTORY_COLUMNS = (*_INVITE_COLUMNS, "resolvedTo", "resolvedAt", "couldPublish", "publishAttempts")
 
 
-def new_serial() -> str:
+def new_serial(dash: bool = False) -> str:
     """A key serial as ma1sd makes them: URL-safe base64 of 8 bytes of ms since 2019, then one
-    letter or digit."""
-    ms = int(time.time() * 1000) - 1546297200000 + secrets.randbelow(10**9)
-    stamp = base64.urlsafe_b64encode(ms.to_bytes(8, "big")).decode().rstrip("=")
-    return stamp + secrets.choice(string.ascii_letters + string.digits)
+    letter or digit. About one in ten of ma1sd's holds a ``-``; ``dash`` asks for one, else
+    none (key ids of ``[A-Za-z0-9_]`` only, as the Matrix spec's grammar has them)."""
+    while True:
+        ms = int(time.time() * 1000) - 1546297200000 + secrets.randbelow(10**9)
+        stamp = base64.urlsafe_b64encode(ms.to_bytes(8, "big")).decode().rstrip("=")
+        if dash:
+            stamp = stamp[:-2] + "-" + stamp[-1]
+        if dash or "-" not in stamp:
+            return stamp + secrets.choice(string.ascii_letters + string.digits)
 
 
 def unpadded(raw: bytes) -> str:
@@ -82,9 +87,11 @@ class Ma1sdKeys:
         current = {"type": "Regular", "algo": "ed25519", "serial": serial}
         (self.path / "current").write_text(json.dumps(current))
 
-    def new_regular(self, current: bool = True, valid: bool = True) -> tuple[str, bytes]:
+    def new_regular(
+        self, current: bool = True, valid: bool = True, dash: bool = False
+    ) -> tuple[str, bytes]:
         """A fresh regular key (made current unless told otherwise): its serial and seed."""
-        serial, seed = new_serial(), secrets.token_bytes(32)
+        serial, seed = new_serial(dash), secrets.token_bytes(32)
         self.write_key("regular", serial, seed, valid)
         if current:
             self.set_current(serial)
