@@ -338,7 +338,9 @@ class IdentityServer:
         self.purge_job = PeriodicJob(
             "purge",
             PURGE_INTERVAL_S,
-            functools.partial(purge_expired, self.sessions, self.ratelimiter, self.expired_invites),
+            functools.partial(
+                purge_expired, self.sessions, self.ratelimiter, self.expired_invites, invite_store
+            ),
         )
         self.jobs: list[PeriodicJob] = [
             self.purge_job,

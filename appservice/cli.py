@@ -1,5 +1,5 @@
 """Command line: ``run``, ``generate-config``, ``migrate``, ``keys show|rotate|revoke``,
-``invites list|show|expire|retry`` and ``pepper show|rotate``."""
+``invites list|show|expire|retry``, ``pepper show|rotate`` and ``import sydent|ma1sd``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from appservice.db.outbox import PENDING as QUEUED
 from appservice.db.signing_keys import SigningKeyStore, StoredSigningKey
 from appservice.errors import StartupError
 from appservice.identity_stores import StoreError
+from appservice.importers.model import ImportFailed
 from appservice.logs import setup_logging
 from appservice.matrix.registration import (
     build_registration,
@@ -133,7 +134,42 @@ def build_parser() -> argparse.ArgumentParser:
             "switch all instances (the previous pepper is answered for lookup.pepper_grace)",
         )
     )
+    _add_import_parser(commands)
     return parser
+
+
+def _add_import_parser(commands: Any) -> None:
+    imp = commands.add_parser(
+        "import",
+        help="move a deployment of sydent or ma1sd over: bindings, pending invites, keys "
+        "(stop every server instance first)",
+    )
+    sources = imp.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
+    sydent = _with_config(sources.add_parser("sydent", help="import from sydent"))
+    sydent.add_argument("--db", required=True, metavar="SYDENT_DB", help="sydent's SQLite file")
+    sydent.add_argument(
+        "--sydent-config",
+        type=Path,
+        metavar="SYDENT_CONF",
+        help="sydent.conf, whose [crypto] ed25519.signingkey is imported (without it the invites "
+        "already in rooms cannot be completed)",
+    )
+    ma1sd = _with_config(sources.add_parser("ma1sd", help="import from ma1sd or mxisd"))
+    ma1sd.add_argument(
+        "--db", required=True, metavar="MA1SD_DB", help="its SQLite file or postgresql:// URL"
+    )
+    ma1sd.add_argument(
+        "--keys", type=Path, metavar="KEY_DIR", help="its key.path directory (signing keys)"
+    )
+    for p in (sydent, ma1sd):
+        p.add_argument(
+            "--dry-run", action="store_true", help="report what would change, write nothing"
+        )
+        p.add_argument(
+            "--merge",
+            action="store_true",
+            help="add to a database that has bindings or invites from elsewhere already",
+        )
 
 
 def _generate_registration(config_path: Path, registration: str | None, force: bool) -> int:
@@ -600,6 +636,49 @@ async def _retry(server: IdentityServer, invite: Invite, outbox: OutboxStore) ->
     return 0
 
 
+# --- import -------------------------------------------------------------------------------------
+
+
+async def _read_import_source(args: argparse.Namespace) -> Any:
+    """The reader's ImportSource (readers are imported only when used)."""
+    from appservice.importers import ma1sd, sydent
+
+    if args.import_source == "sydent":
+        read_sydent = getattr(sydent, "read_sydent", None)
+        if read_sydent is None:
+            raise ImportFailed("import sydent: this version cannot read sydent yet")
+        return read_sydent(Path(args.db), args.sydent_config)
+    read_ma1sd = getattr(ma1sd, "read_ma1sd", None)
+    if read_ma1sd is None:
+        raise ImportFailed("import ma1sd: this version cannot read ma1sd yet")
+    return await read_ma1sd(args.db, args.keys)
+
+
+async def _import(config: Config, args: argparse.Namespace) -> int:
+    """``import sydent|ma1sd``: read the other server's data, write it (see importers.writer)."""
+    from appservice.importers.writer import run_import
+
+    source = await _read_import_source(args)
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        report = await run_import(
+            db,
+            Path(config.keys.signing_key_path),
+            source,
+            redaction=config.invites.redaction,
+            merge=args.merge,
+            dry_run=args.dry_run,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    finally:
+        await db.stop()
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 # --- pepper -------------------------------------------------------------------------------------
 
 
@@ -702,11 +781,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_invites(config, args))
         elif args.command == "pepper":
             return asyncio.run(_pepper(config, args.pepper_command))
+        elif args.command == "import":
+            return asyncio.run(_import(config, args))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
     # OSError: a file or socket problem not named more precisely where it happened.
-    except (DatabaseError, KeyFileError, StoreError, StartupError, OSError) as e:
+    except (DatabaseError, KeyFileError, StoreError, StartupError, ImportFailed, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -54,7 +54,7 @@ class BindingStore:
 
     async def upsert(self, binding: Binding, hashes: LookupHashes) -> None:
         """Store a binding, replacing an older one of the same 3PID (a hash slot given as None
-        keeps its value)."""
+        keeps its value); a binding made here is no longer an imported one."""
         await self._db.execute(
             f"INSERT INTO bindings ({_COLUMNS}, lookup_hash, lookup_hash_1, hash_gen)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
@@ -63,7 +63,7 @@ class BindingStore:
             " not_after = excluded.not_after,"
             " lookup_hash = COALESCE(excluded.lookup_hash, bindings.lookup_hash),"
             " lookup_hash_1 = COALESCE(excluded.lookup_hash_1, bindings.lookup_hash_1),"
-            " hash_gen = excluded.hash_gen",
+            " hash_gen = excluded.hash_gen, imported_from = NULL",
             binding.medium,
             binding.address,
             binding.mxid,

@@ -236,6 +236,28 @@ class InviteStore:
         )
         return value is not None
 
+    async def has_imported_key(self, public_key: str) -> bool:
+        """Whether ``public_key`` is an imported ephemeral key (not linked to one invite) whose
+        source still has a pending imported invite."""
+        value = await self._db.fetchval(
+            "SELECT 1 FROM imported_ephemeral_keys k WHERE k.public_key = $1 AND EXISTS ("
+            "SELECT 1 FROM invites i WHERE i.imported_from = k.imported_from AND i.state = $2)",
+            public_key,
+            PENDING,
+        )
+        return value is not None
+
+    async def purge_imported_keys(self) -> int:
+        """Delete the imported ephemeral keys whose source has no pending imported invite left;
+        how many."""
+        rows = await self._db.fetch(
+            "DELETE FROM imported_ephemeral_keys WHERE NOT EXISTS (SELECT 1 FROM invites i"
+            " WHERE i.imported_from = imported_ephemeral_keys.imported_from AND i.state = $1)"
+            " RETURNING public_key",
+            PENDING,
+        )
+        return len(rows)
+
     async def check_resolved_key(self, public_key: str, now_ms: int) -> int | None:
         """A resolved invite's ephemeral key is checked while its onbind is in flight: record
         the time of the first such check and return it (None: no invite with that key has an

@@ -308,6 +308,9 @@ class InviteService:
             return False
         if await self._invites.has_pending_key(normalised):
             return True
+        # An imported key of the other server's (sydent keeps them apart from its invites).
+        if await self._invites.has_imported_key(normalised):
+            return True
         now = self._clock.now_ms()
         first_check = await self._invites.check_resolved_key(normalised, now)
         window_ms = int(float(self._config.delivery.acceptance_window) * 1000)

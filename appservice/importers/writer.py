@@ -1,0 +1,720 @@
+"""Write an :class:`~appservice.importers.model.ImportSource` into our database and key file.
+
+The server is stopped while this runs (refused when an instance looks alive). Each table goes
+in one transaction, so an interrupted import leaves no half table; a second run changes nothing.
+Order: signing keys first (imported invites name them), then bindings, then pending invites with
+the ephemeral keys. ``dry_run`` does the same work and rolls every transaction back, leaving the
+key file alone.
+
+Bindings stream through a staging table (``COPY`` on PostgreSQL, ``executemany`` on SQLite)
+and reach ``bindings`` in one ``INSERT … SELECT … ON CONFLICT`` that keeps the newest
+association of each address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import signedjson.key
+from unpaddedbase64 import encode_base64
+
+from appservice.clock import Clock
+from appservice.config.model import RedactionConfig
+from appservice.crypto.signing import KeyFileError, PublicKey
+from appservice.db.database import AppDatabase
+from appservice.db.invites import PENDING
+from appservice.db.lookup_peppers import PepperState, PepperStore
+from appservice.db.server_state import ServerStateStore
+from appservice.db.signing_keys import SigningKeyStore, StoredSigningKey
+from appservice.importers.model import (
+    ImportedBinding,
+    ImportedInvite,
+    ImportFailed,
+    ImportSource,
+)
+from appservice.private_files import make_private_dirs
+from appservice.services.invites import DETAIL_FIELDS, redact_address
+from appservice.services.keys import check_key_file, lost_key_file, normalise_public_key
+from appservice.services.lookup import ensure_pepper
+from appservice.threepid import canonical_address, is_opaque_id, is_room_id, user_id_server
+
+BINDINGS = "bindings"
+INVITES = "invites"
+SIGNING_KEYS = "signing keys"
+EPHEMERAL_KEYS = "ephemeral keys"
+# A progress line every this many binding rows.
+PROGRESS_EVERY = 100_000
+_SOURCE_NAME = re.compile(r"[a-z0-9_]{1,32}")
+_KEY_ID = re.compile(r"ed25519:[A-Za-z0-9_]{1,64}")
+_STAGING = "import_bindings_staging"
+_STAGING_COLUMNS = (
+    "medium",
+    "address",
+    "mxid",
+    "created_ts",
+    "not_before",
+    "not_after",
+    "lookup_hash",
+    "lookup_hash_1",
+    "hash_gen",
+)
+# Tables whose leases show a running instance: (table, extra condition).
+_LEASES = (
+    ("onbind_outbox", "claimed_until IS NOT NULL AND claimed_until > $1"),
+    ("appservice_actions", "claimed_until IS NOT NULL AND claimed_until > $1"),
+    ("store_sync", "claimed_until > $1"),
+    ("lookup_pepper", "claimed_until > $1"),
+)
+
+
+class ImportRefused(ImportFailed):
+    """The import must not run against this database as it is (the message says why)."""
+
+
+@dataclass
+class TableReport:
+    """What one table got: rows found in the source and what became of them."""
+
+    found: int = 0
+    imported: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    # Rows not imported, by reason.
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` rows skipped for ``reason``."""
+        if count:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    @property
+    def changed(self) -> bool:
+        """Whether this table was (or would be) written."""
+        return bool(self.imported or self.updated)
+
+    def line(self, table: str, dry_run: bool) -> str:
+        """One line for the operator."""
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+        tail = f", skipped {skipped} ({reasons})" if skipped else ""
+        if not self.changed:
+            return (
+                f"{table}: found {self.found}, nothing to change ({self.unchanged} unchanged{tail})"
+            )
+        verb = "would import" if dry_run else "imported"
+        update = "would update" if dry_run else "updated"
+        return (
+            f"{table}: found {self.found}, {verb} {self.imported}, {update} {self.updated},"
+            f" unchanged {self.unchanged}{tail}"
+        )
+
+
+@dataclass
+class ImportReport:
+    """The outcome of :func:`run_import`, per table, with the reader's notes."""
+
+    source: str
+    dry_run: bool
+    tables: dict[str, TableReport] = field(default_factory=dict)
+    # The reader's counts of what it found and deliberately left out ("delivered invites": 3).
+    source_skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self, name: str) -> TableReport:
+        """The report of one table (made on first use)."""
+        return self.tables.setdefault(name, TableReport())
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was (or would be) written."""
+        return any(t.changed for t in self.tables.values())
+
+    def lines(self) -> list[str]:
+        """What the command prints."""
+        out = [f"import from {self.source}{' (dry run)' if self.dry_run else ''}:"]
+        out += [f"  {t.line(name, self.dry_run)}" for name, t in self.tables.items()]
+        out += [
+            f"  not imported from {self.source}: {n} {what}"
+            for what, n in sorted(self.source_skipped.items())
+        ]
+        out += [f"  note: {note}" for note in self.notes]
+        if self.dry_run:
+            out.append("  dry run: nothing was written")
+        elif not self.changed:
+            out.append("  nothing to change: the database already holds this import")
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as a JSON object (kept in ``import_runs``)."""
+        return {
+            "source": self.source,
+            "tables": {
+                name: {
+                    "found": t.found,
+                    "imported": t.imported,
+                    "updated": t.updated,
+                    "unchanged": t.unchanged,
+                    "skipped": t.skipped,
+                }
+                for name, t in self.tables.items()
+            },
+            "source_skipped": self.source_skipped,
+            "notes": self.notes,
+        }
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to undo it (a dry run)."""
+
+
+def invite_id(source: str, source_id: str) -> str:
+    """Our id for an imported invite: the same on every run, hex (an opaque id that never
+    starts with ``-``) and 24 characters like the ids store-invite makes."""
+    return hashlib.sha256(f"{source}\x00{source_id}".encode()).hexdigest()[:24]
+
+
+async def run_import(
+    db: AppDatabase,
+    key_path: Path,
+    source: ImportSource,
+    *,
+    redaction: RedactionConfig | None = None,
+    merge: bool = False,
+    dry_run: bool = False,
+    clock: Clock | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ImportReport:
+    """Import ``source`` into ``db`` (started and migrated) and the key file at ``key_path``.
+
+    Raises :class:`ImportRefused` (nothing written) when an instance looks alive, or when the
+    database has bindings or invites not imported from this source and ``merge`` is False;
+    :class:`ImportFailed` for source data that cannot be imported; ``KeyFileError`` for a key
+    file that cannot be read or written.
+    """
+    clock = clock or Clock()
+    started = clock.time()
+    if not _SOURCE_NAME.fullmatch(source.name):
+        raise ImportFailed(f"import: source name {source.name!r} is not [a-z0-9_]{{1,32}}")
+    report = ImportReport(source.name, dry_run, source_skipped=dict(source.skipped))
+    report.notes += source.notes
+    await _refuse_if_running(db, clock.now_ms())
+    fresh = await _refuse_foreign_rows(db, source.name, merge)
+    key_map = await _import_signing_keys(db, key_path, source, fresh, dry_run, clock, report)
+    await _import_bindings(db, source, dry_run, clock, report, progress)
+    await _import_invites(db, source, key_map, redaction or RedactionConfig(), dry_run, report)
+    report.seconds = clock.time() - started
+    if report.changed and not dry_run:
+        await db.execute(
+            "INSERT INTO import_runs (id, source, started_ts, finished_ts, report)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            secrets.token_hex(12),
+            source.name,
+            int(started * 1000),
+            clock.now_ms(),
+            json.dumps(report.as_json(), sort_keys=True),
+        )
+    return report
+
+
+async def _refuse_if_running(db: AppDatabase, now_ms: int) -> None:
+    """Refuse while a server instance holds a lease on some work (it is running)."""
+    for table, condition in _LEASES:
+        if await db.fetchval(f"SELECT 1 FROM {table} WHERE {condition} LIMIT 1", now_ms):
+            raise ImportRefused(
+                f"import: a server instance is running on this database (it holds a lease in "
+                f"{table}); stop every instance first, then import"
+            )
+
+
+async def _refuse_foreign_rows(db: AppDatabase, source: str, merge: bool) -> bool:
+    """Whether the database is fresh for ``source`` (no bindings or invites from elsewhere);
+    refuse when it is not and ``merge`` is False."""
+    counts = []
+    for table in (BINDINGS, INVITES):
+        n = await db.fetchval(
+            f"SELECT COUNT(*) FROM {table} WHERE imported_from IS NULL OR imported_from <> $1",
+            source,
+        )
+        counts.append(int(n or 0))
+    if not any(counts):
+        return True
+    if not merge:
+        raise ImportRefused(
+            f"import: the database already has {counts[0]} bindings and {counts[1]} invites not "
+            f"imported from {source}; run again with --merge to add {source}'s data to them"
+        )
+    return False
+
+
+# --- signing keys -------------------------------------------------------------------------------
+
+
+def _signing_key(key_id: str, seed: bytes) -> Any:
+    """A signedjson signing key (what the key file holds) from an id and a 32-byte seed."""
+    if not _KEY_ID.fullmatch(key_id):
+        raise ImportFailed(f"import: signing key id {key_id!r} is not ed25519:<letters, digits, _>")
+    if len(seed) != 32:
+        raise ImportFailed(f"import: signing key {key_id} is not a 32-byte ed25519 seed")
+    return signedjson.key.decode_signing_key_base64(
+        "ed25519", key_id.partition(":")[2], encode_base64(seed)
+    )
+
+
+def _public(key: Any) -> str:
+    return encode_base64(bytes(key.verify_key))
+
+
+def _key_id(key: Any) -> str:
+    return f"{key.alg}:{key.version}"
+
+
+def _read_key_file(path: Path) -> list[Any] | None:
+    if not os.path.lexists(path):
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            return list(signedjson.key.read_signing_keys(f))
+    except (OSError, ValueError) as e:
+        raise KeyFileError(f"keys: cannot read signing key file {path}: {e}") from e
+
+
+def _write_key_file(path: Path, keys: list[Any], backup: Path | None) -> None:
+    """Replace the key file atomically (0600); first copy the old one to ``backup`` (0600)."""
+    try:
+        make_private_dirs(path.parent)
+        if backup is not None:
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(path.read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                signedjson.key.write_signing_keys(f, keys)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise KeyFileError(f"keys: cannot write signing key file {path}: {e.strerror}") from e
+
+
+@dataclass
+class _KeyPlan:
+    in_file: list[Any]  # the new key file, current key first
+    inserts: list[tuple[str, str, bool]]  # (key id, public key, valid) to record
+    revokes: list[str]
+    drops: list[str]  # our key ids to forget (a fresh server's key clashing with the source's)
+
+
+def _ids(keys: list[Any]) -> set[str]:
+    return {_key_id(k) for k in keys}
+
+
+def _plan_keys(
+    source: ImportSource,
+    existing: list[Any],
+    stored: list[StoredSigningKey],
+    fresh: bool,
+    report: ImportReport,
+) -> tuple[_KeyPlan, dict[str, str]]:
+    """Decide where each imported key goes; returns the plan and the map from the source's key
+    ids to ours.
+
+    A key already here (by public key) keeps its id. Else it takes its own id when free; on a
+    fresh server a key of ours with that id is dropped (nothing was signed with it that anyone
+    kept), on a merge it takes ``ed25519:<source>_<version>``.
+    """
+    table = report.table(SIGNING_KEYS)
+    in_file = list(existing)
+    stored_by_id = {k.key_id: k for k in stored}
+    stored_by_public = {k.public_key: k for k in stored}
+    plan = _KeyPlan([], [], [], [])
+    key_map: dict[str, str] = {}
+    new_current: str | None = None
+    for source_key in source.signing_keys:
+        table.found += 1
+        key = _signing_key(source_key.key_id, source_key.seed)
+        public = _public(key)
+        in_file_as = {_public(k): _key_id(k) for k in in_file}.get(public)
+        recorded_as = stored_by_public.get(public)
+        target = in_file_as or (recorded_as.key_id if recorded_as else None)
+        if target is None:
+            target = source_key.key_id
+            if target in _ids(in_file) or target in stored_by_id:
+                if fresh:
+                    plan.drops.append(target)
+                    in_file = [k for k in in_file if _key_id(k) != target]
+                    report.notes.append(
+                        f"{source.name}'s {target} replaces this server's unused {target}"
+                    )
+                else:
+                    target = f"ed25519:{source.name}_{key.version}"
+                    if target in _ids(in_file) or target in stored_by_id:
+                        raise ImportFailed(
+                            f"import: {source.name}'s {source_key.key_id} clashes with our key "
+                            f"of that id, and {target} is taken too"
+                        )
+                    report.notes.append(
+                        f"{source.name}'s {source_key.key_id} clashes with this server's key of "
+                        f"that id: imported as {target}, ours stays current (homeservers check "
+                        "invite signatures by public key, so invites listing it still complete)"
+                    )
+        changed = False
+        if target not in _ids(in_file):
+            in_file.append(_signing_key(target, source_key.seed))
+            changed = True
+        recorded = None if target in plan.drops else stored_by_id.get(target)
+        if recorded is None:
+            plan.inserts.append((target, public, source_key.valid))
+            changed = True
+        if changed:
+            table.imported += 1
+        elif not source_key.valid and recorded is not None and recorded.revoked_ts is None:
+            plan.revokes.append(target)
+            table.updated += 1
+        else:
+            table.unchanged += 1
+        key_map[source_key.key_id] = target
+        if source_key.current and source_key.valid and fresh:
+            new_current = target
+    if new_current is not None:
+        first = [k for k in in_file if _key_id(k) == new_current]
+        in_file = first + [k for k in in_file if _key_id(k) != new_current]
+    plan.in_file = in_file
+    return plan, key_map
+
+
+async def _import_signing_keys(
+    db: AppDatabase,
+    key_path: Path,
+    source: ImportSource,
+    fresh: bool,
+    dry_run: bool,
+    clock: Clock,
+    report: ImportReport,
+) -> dict[str, str]:
+    """Put the source's keys into the key file and ``signing_keys``; returns the id map."""
+    store = SigningKeyStore(db)
+    existing = _read_key_file(key_path)
+    stored = await store.all()
+    if existing is None and stored:
+        raise lost_key_file(key_path, stored)
+    check_key_file(
+        key_path,
+        [PublicKey(_key_id(k), _public(k)) for k in existing or []],
+        stored,
+    )
+    if not source.signing_keys:
+        return {}
+    plan, key_map = _plan_keys(source, existing or [], stored, fresh, report)
+    file_changes = [(_key_id(k), _public(k)) for k in plan.in_file] != [
+        (_key_id(k), _public(k)) for k in existing or []
+    ]
+    if not (plan.inserts or plan.revokes or plan.drops or file_changes):
+        return key_map
+    now = clock.now_ms()
+    try:
+        async with db.transaction():
+            for key_id in plan.drops:
+                await db.execute("DELETE FROM signing_keys WHERE key_id = $1", key_id)
+            for key_id, public, valid in plan.inserts:
+                await db.execute(
+                    "INSERT INTO signing_keys (key_id, public_key, created_ts, revoked_ts)"
+                    " VALUES ($1, $2, $3, $4)",
+                    key_id,
+                    public,
+                    now,
+                    None if valid else now,
+                )
+            for key_id in plan.revokes:
+                await store.revoke(key_id, now)
+            if dry_run:
+                raise _Rollback
+            if file_changes:
+                backup = (
+                    key_path.with_name(f"{key_path.name}.before-{source.name}-import-{now}")
+                    if existing is not None
+                    else None
+                )
+                _write_key_file(key_path, plan.in_file, backup)
+                if backup is not None:
+                    report.notes.append(f"the previous key file is kept as {backup}")
+    except _Rollback:
+        pass
+    current = plan.in_file[0]
+    if existing is None or _key_id(existing[0]) != _key_id(current):
+        report.notes.append(
+            f"current signing key {'would be' if dry_run else 'is now'} {_key_id(current)}"
+            f" {_public(current)}"
+        )
+    return key_map
+
+
+# --- bindings -----------------------------------------------------------------------------------
+
+
+def _staged_rows(
+    batch: Iterable[ImportedBinding], pepper: PepperState, table: TableReport
+) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for b in batch:
+        address = canonical_address(b.medium, b.address)
+        if address is None:
+            table.skip("address not canonical")
+            continue
+        if user_id_server(b.mxid) is None:
+            table.skip("not a Matrix user ID")
+            continue
+        hashes = pepper.hashes(b.medium, address)
+        rows.append(
+            (
+                b.medium,
+                address,
+                b.mxid,
+                int(b.ts),
+                int(b.not_before),
+                int(b.not_after),
+                hashes.slots[0],
+                hashes.slots[1],
+                hashes.generation,
+            )
+        )
+    return rows
+
+
+_NEWEST = (
+    f"SELECT {', '.join(_STAGING_COLUMNS)} FROM (SELECT s.*, ROW_NUMBER() OVER ("
+    "PARTITION BY medium, address ORDER BY created_ts DESC, mxid DESC) AS n"
+    f" FROM {_STAGING} s) ranked WHERE n = 1"
+)
+
+
+async def _import_bindings(
+    db: AppDatabase,
+    source: ImportSource,
+    dry_run: bool,
+    clock: Clock,
+    report: ImportReport,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Stage every binding, then merge them into ``bindings`` in one statement; one
+    transaction."""
+    table = report.table(BINDINGS)
+    say = progress or (lambda _line: None)
+    try:
+        async with db.transaction() as conn:
+            await ensure_pepper(ServerStateStore(db), PepperStore(db), clock)
+            # Read in this transaction (PepperStore reads through SQLite's read-only connection,
+            # which does not see a pepper made just now).
+            row = await conn.fetchrow(
+                "SELECT generation, pepper, since_ts, previous_pepper, grace_until_ts, next_pepper,"
+                " rotation_started_ts, claimed_by, claimed_until FROM lookup_pepper WHERE id = 1"
+            )
+            assert row is not None
+            pepper = PepperState(*(row[i] for i in range(9)))
+            await conn.execute(f"DROP TABLE IF EXISTS {_STAGING}")
+            column_types = (
+                "medium TEXT, address TEXT, mxid TEXT, created_ts BIGINT, not_before BIGINT,"
+                " not_after BIGINT, lookup_hash TEXT, lookup_hash_1 TEXT, hash_gen BIGINT"
+            )
+            suffix = " ON COMMIT DROP" if db.is_postgres else ""
+            await conn.execute(f"CREATE TEMPORARY TABLE {_STAGING} ({column_types}){suffix}")
+            insert = f"INSERT INTO {_STAGING} VALUES ({', '.join('?' * len(_STAGING_COLUMNS))})"
+            staged = 0
+            next_progress = PROGRESS_EVERY
+            for batch in source.bindings():
+                table.found += len(batch)
+                rows = _staged_rows(batch, pepper, table)
+                if rows:
+                    if db.is_postgres:
+                        await conn.copy_records_to_table(
+                            _STAGING, records=rows, columns=_STAGING_COLUMNS
+                        )
+                    else:
+                        await conn.wrapped.executemany(insert, rows)
+                staged += len(rows)
+                if table.found >= next_progress:
+                    say(f"bindings: {table.found} of {source.binding_count} read")
+                    next_progress = (table.found // PROGRESS_EVERY + 1) * PROGRESS_EVERY
+            counts: Any = await conn.fetchrow(
+                "SELECT COUNT(*) AS total,"
+                " COALESCE(SUM(CASE WHEN b.medium IS NULL THEN 1 ELSE 0 END), 0) AS new,"
+                " COALESCE(SUM(CASE WHEN b.created_ts < s.created_ts THEN 1 ELSE 0 END), 0)"
+                f" AS newer FROM ({_NEWEST}) s"
+                " LEFT JOIN bindings b ON b.medium = s.medium AND b.address = s.address"
+            )
+            total, new, newer = (int(counts[i]) for i in range(3))
+            table.imported, table.updated = new, newer
+            table.unchanged = total - new - newer
+            table.skip("older association of the same address", staged - total)
+            if new or newer:
+                if table.found >= PROGRESS_EVERY:
+                    say(f"bindings: writing {new + newer} rows")
+                await conn.execute(
+                    "INSERT INTO bindings (medium, address, mxid, created_ts, not_before,"
+                    " not_after, lookup_hash, lookup_hash_1, hash_gen, imported_from)"
+                    f" SELECT {', '.join(_STAGING_COLUMNS)}, $1 FROM ({_NEWEST}) s WHERE true"
+                    " ON CONFLICT (medium, address) DO UPDATE SET mxid = excluded.mxid,"
+                    " created_ts = excluded.created_ts, not_before = excluded.not_before,"
+                    " not_after = excluded.not_after, lookup_hash = excluded.lookup_hash,"
+                    " lookup_hash_1 = COALESCE(excluded.lookup_hash_1, bindings.lookup_hash_1),"
+                    " hash_gen = excluded.hash_gen, imported_from = excluded.imported_from"
+                    " WHERE bindings.created_ts < excluded.created_ts",
+                    source.name,
+                )
+            if not db.is_postgres:
+                await conn.execute(f"DROP TABLE {_STAGING}")
+            if dry_run:
+                raise _Rollback
+    except _Rollback:
+        pass
+
+
+# --- invites ------------------------------------------------------------------------------------
+
+
+def _check_invite(invite: ImportedInvite) -> tuple[str | None, str]:
+    """(the canonical address, "") or (None, why the invite cannot be imported)."""
+    if invite.medium != "email":
+        return None, f"medium {invite.medium} not supported"
+    address = canonical_address(invite.medium, invite.address)
+    if address is None:
+        return None, "address not canonical"
+    if not is_room_id(invite.room_id):
+        return None, "not a room ID"
+    if user_id_server(invite.sender) is None:
+        return None, "sender not a Matrix user ID"
+    if not is_opaque_id(invite.token):
+        return None, "token not usable"
+    return address, ""
+
+
+def _ephemeral_pair(invite: ImportedInvite) -> tuple[str, str | None] | None:
+    """The invite's (public key, private seed) normalised; None when they are unusable."""
+    public = invite.ephemeral_public_key
+    private = invite.ephemeral_private_key
+    if private is not None:
+        seed = normalise_public_key(private)  # the same rules: 32 bytes of base64
+        if seed is None:
+            return None
+        derived = signedjson.key.decode_signing_key_base64("ed25519", "0", seed)
+        derived_public = encode_base64(bytes(derived.verify_key))
+        if public is not None and normalise_public_key(public) != derived_public:
+            return None
+        return derived_public, seed
+    if public is None:
+        return "", None
+    normalised = normalise_public_key(public)
+    return (normalised, None) if normalised is not None else None
+
+
+async def _import_invites(
+    db: AppDatabase,
+    source: ImportSource,
+    key_map: dict[str, str],
+    redaction: RedactionConfig,
+    dry_run: bool,
+    report: ImportReport,
+) -> None:
+    """Pending invites and the ephemeral keys, in one transaction."""
+    table = report.table(INVITES)
+    keys_table = report.table(EPHEMERAL_KEYS)
+    current_source_key = next((k.key_id for k in source.signing_keys if k.current), None)
+    seen_tokens: set[str] = set()
+    bound = 0
+    try:
+        async with db.transaction():
+            for invite in source.invites:
+                table.found += 1
+                address, why = _check_invite(invite)
+                if address is None:
+                    table.skip(why)
+                    continue
+                pair = _ephemeral_pair(invite)
+                if pair is None:
+                    table.skip("ephemeral key unusable")
+                    continue
+                if invite.token in seen_tokens:
+                    table.skip("token given twice")
+                    continue
+                seen_tokens.add(invite.token)
+                our_id = invite_id(source.name, invite.source_id)
+                source_key = invite.signing_key_id or current_source_key
+                signing_key_id = key_map.get(source_key, source_key) if source_key else None
+                details = {k: v for k, v in invite.details.items() if k in DETAIL_FIELDS and v}
+                display_name = invite.display_name or redact_address(
+                    address, redaction.local_chars, redaction.domain_chars
+                )
+                inserted = await db.fetchval(
+                    "INSERT INTO invites (id, token, medium, address, room_id, sender,"
+                    " display_name, ephemeral_public_key, details, created_ts, state,"
+                    " signing_key_id, ephemeral_private_key, imported_from)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    " ON CONFLICT DO NOTHING RETURNING id",
+                    our_id,
+                    invite.token,
+                    invite.medium,
+                    address,
+                    invite.room_id,
+                    invite.sender,
+                    display_name,
+                    pair[0],
+                    json.dumps(details, sort_keys=True),
+                    int(invite.created_ts),
+                    PENDING,
+                    signing_key_id,
+                    pair[1],
+                    source.name,
+                )
+                if inserted is not None:
+                    table.imported += 1
+                    if await db.fetchval(
+                        "SELECT 1 FROM bindings WHERE medium = $1 AND address = $2",
+                        invite.medium,
+                        address,
+                    ):
+                        bound += 1
+                elif await db.fetchval("SELECT 1 FROM invites WHERE id = $1", our_id):
+                    table.unchanged += 1
+                else:
+                    table.skip("token already used by another invite here")
+            for key in source.ephemeral_keys:
+                keys_table.found += 1
+                public = normalise_public_key(key.public_key)
+                if public is None:
+                    keys_table.skip("not an ed25519 public key")
+                    continue
+                inserted = await db.fetchval(
+                    "INSERT INTO imported_ephemeral_keys (public_key, imported_from, created_ts)"
+                    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING public_key",
+                    public,
+                    source.name,
+                    int(key.created_ts),
+                )
+                if inserted is not None:
+                    keys_table.imported += 1
+                else:
+                    keys_table.unchanged += 1
+            if dry_run:
+                raise _Rollback
+    except _Rollback:
+        pass
+    if bound:
+        report.notes.append(
+            f"{bound} imported invites are for addresses bound already: the server delivers "
+            "them when it starts"
+        )
