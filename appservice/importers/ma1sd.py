@@ -107,7 +107,9 @@ async def read_ma1sd(db: str, key_dir: Path | None) -> ImportSource:
     keys = await asyncio.to_thread(read_key_store, key_dir) if key_dir is not None else None
     now_ms = int(time.time() * 1000)
     invites: list[ImportedInvite] = []
-    skipped: dict[str, int] = {"resolved invites": tables.history_count}
+    skipped: dict[str, int] = {}
+    if tables.history_count:
+        skipped["resolved invites"] = tables.history_count
     notes = [IDENTITY_STORE_NOTE]
     missing_ephemeral = 0
     used_ephemeral: set[str] = set()
