@@ -1,9 +1,33 @@
-"""Reading a sydent deployment: its signing key and its 3PID associations.
+"""Reading a sydent deployment: its 3PID associations, pending invites and signing key.
 
-Facts about sydent's data (its configuration and SQLite schema), not its code:
-the signing key is ``[crypto] ed25519.signingkey = "ed25519 <version> <base64 seed>"``
-and associations live in ``global_threepid_associations`` and
-``local_threepid_associations`` (medium, address, mxid, ts, not_before, not_after).
+Facts about sydent's data (its configuration and SQLite schema), not its code. The layout read
+here is the one of every sydent 2.x release (2.0.0 up to 2.6.1) and of the 1.x releases before
+them: ``PRAGMA user_version`` 0 to 5 of sydent's own migrations. Version by version:
+
+- v0 (the original schema files): ``local_threepid_associations`` and
+  ``global_threepid_associations`` with ``medium, address, mxid, ts, notBefore, notAfter``
+  (camelCase), the global table adding ``originServer, originId, sgAssoc``; ``invite_tokens``
+  (``id, medium, address, room_id, sender, token, received_ts, sent_ts``) and
+  ``ephemeral_public_keys`` (``id, public_key, verify_count, persistence_ts``).
+- v1: the local table's ``mxid``, ``ts``, ``notBefore``, ``notAfter`` become nullable: an
+  unbind replaces the local row by one with ``mxid`` NULL (and a fresh ``ts``); the matching
+  global row (the copy a server keeps of its own and its peers' associations) is deleted.
+- v3: a ``lookup_hash`` column on both association tables and ``hashing_metadata`` (the
+  pepper). Not read: our hashes are recomputed under our pepper. v2, v4 (accounts, terms) and
+  v5 (an index) change nothing read here.
+
+``received_ts`` and ``persistence_ts`` are in seconds (``ts``, ``notBefore``, ``notAfter`` in
+ms); a value that is already in ms is taken as it is. Email addresses were not case-folded
+before sydent 2.4, so associations are grouped by lower-cased email address, the newest one
+of a group winning. ``not_before``/``not_after`` spelt with an underscore are read too.
+
+The signing key comes from ``sydent.conf``: ``[crypto] ed25519.signingkey =
+"ed25519 <version> <base64 seed>"``, its key id ``ed25519:<version>``.
+
+Without the configuration no signing key is imported. When sydent still holds pending invites
+that is refused: each of those invites sits in a room listing sydent's public key, and the
+invitee's homeserver checks the signature we later make with it, so importing them without the
+key would leave invites that look fine here and can never complete.
 """
 
 from __future__ import annotations
@@ -11,38 +35,63 @@ from __future__ import annotations
 import base64
 import configparser
 import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.signing
 
-from appservice.importers.model import ImportFailed
+from appservice.importers.model import (
+    ImportedBinding,
+    ImportedEphemeralKey,
+    ImportedInvite,
+    ImportedSigningKey,
+    ImportFailed,
+    ImportSource,
+)
+
+BATCH_SIZE = 10_000
+LOCAL = "local_threepid_associations"
+GLOBAL = "global_threepid_associations"
+INVITES = "invite_tokens"
+EPHEMERAL = "ephemeral_public_keys"
+_TABLES = (LOCAL, GLOBAL, INVITES, EPHEMERAL)
+_ASSOCIATION_COLUMNS = ("medium", "address", "mxid", "ts")
+_INVITE_COLUMNS = ("id", "medium", "address", "room_id", "sender", "token", "sent_ts")
+# Below this a timestamp is in seconds (1e11 ms is 1973; 1e11 s is the year 5138).
+_SECONDS_BELOW = 100_000_000_000
+
+SKIPPED_EXPIRED = "expired bindings"
+SKIPPED_UNBOUND = "unbound 3PIDs"
+SKIPPED_DELIVERED = "delivered invites"
 
 
 class SydentImportError(ImportFailed):
     """A sydent file that cannot be read; the message is one line."""
 
+    def __init__(self, message: str) -> None:
+        # SQLite's own messages (quick_check's report) can span lines.
+        super().__init__(" ".join(message.split()))
+
 
 @dataclass(frozen=True)
 class SydentKey:
+    """sydent's long-term signing key."""
+
     key_id: str
     seed: bytes
 
     @property
     def public_key_base64(self) -> str:
+        """Its unpadded base64 ed25519 public key."""
         verify = nacl.signing.SigningKey(self.seed).verify_key
         return base64.b64encode(bytes(verify)).decode().rstrip("=")
 
 
-@dataclass(frozen=True)
-class Association:
-    medium: str
-    address: str
-    mxid: str
-    ts: int
-
-
 def parse_signing_key(value: str) -> SydentKey:
+    """The key of an ``ed25519.signingkey`` value."""
     parts = value.strip().strip('"').split()
     if len(parts) != 3 or parts[0] != "ed25519":
         raise SydentImportError("ed25519.signingkey is not 'ed25519 <version> <base64 seed>'")
@@ -56,6 +105,7 @@ def parse_signing_key(value: str) -> SydentKey:
 
 
 def read_signing_key(config_path: Path) -> SydentKey:
+    """The signing key in sydent's configuration file."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(config_path.read_text())
@@ -67,23 +117,208 @@ def read_signing_key(config_path: Path) -> SydentKey:
     return parse_signing_key(value)
 
 
-def read_associations(db_path: Path) -> list[Association]:
-    """Every (medium, address) with its newest mxid across both tables."""
+def read_sydent(db_path: Path, config_path: Path | None) -> ImportSource:
+    """Everything to import from sydent's SQLite database and (optionally) its configuration.
+
+    Only reads. The bindings are read again, in batches, each time ``bindings()`` is called.
+    Raises :class:`ImportFailed` with one line for a file that is not a readable sydent
+    database or configuration, and when there are pending invites but no configuration.
+    """
+    key = read_signing_key(config_path) if config_path is not None else None
+    now_ms = int(time.time() * 1000)
+    with _connect(db_path) as conn:
+        columns = _check_schema(conn, db_path)
+        query = _NewestAssociations(columns, now_ms)
+        bound, expired, unbound = _fetch(conn, db_path, query.counts())
+        invites, delivered = _read_invites(conn, db_path, columns[INVITES], key, now_ms)
+        ephemeral = _read_ephemeral_keys(conn, db_path)
+    notes: list[str] = []
+    if key is None:
+        if invites:
+            raise SydentImportError(
+                f"sydent holds {len(invites)} pending invites, which need its signing key: "
+                "give its configuration (--sydent-config)"
+            )
+        notes.append(
+            "sydent's signing key was not imported (no --sydent-config): "
+            "this server signs with its own key"
+        )
+
+    def bindings() -> Iterator[list[ImportedBinding]]:
+        with _connect(db_path) as conn:
+            try:
+                cursor = conn.execute(query.bound())
+                while rows := cursor.fetchmany(BATCH_SIZE):
+                    yield list(map(ImportedBinding._make, rows))
+            except sqlite3.Error as exc:
+                raise SydentImportError(
+                    f"{db_path}: cannot read sydent's associations: {exc}"
+                ) from exc
+
+    return ImportSource(
+        name="sydent",
+        binding_count=bound,
+        bindings=bindings,
+        invites=invites,
+        signing_keys=[]
+        if key is None
+        else [ImportedSigningKey(key_id=key.key_id, seed=key.seed, current=True)],
+        ephemeral_keys=ephemeral,
+        skipped={
+            SKIPPED_EXPIRED: expired,
+            SKIPPED_UNBOUND: unbound,
+            SKIPPED_DELIVERED: delivered,
+        },
+        notes=notes,
+    )
+
+
+def _connect(db_path: Path) -> closing[sqlite3.Connection]:
+    if not db_path.is_file():
+        raise SydentImportError(f"{db_path}: no such file")
     try:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
-        raise SydentImportError(f"{db_path}: cannot open the sydent database") from exc
-    newest: dict[tuple[str, str], Association] = {}
+        raise SydentImportError(f"{db_path}: cannot open it: {exc}") from exc
+    return closing(conn)
+
+
+def _check_schema(conn: sqlite3.Connection, db_path: Path) -> dict[str, dict[str, str]]:
+    """The columns of sydent's tables (lower-cased name -> name as spelt), once the file is
+    known to be an intact sydent database."""
     try:
-        for table in ("local_threepid_associations", "global_threepid_associations"):
-            rows = conn.execute(f"SELECT medium, address, mxid, ts FROM {table}")
-            for medium, address, mxid, ts in rows:
-                key = (medium, address)
-                old = newest.get(key)
-                if old is None or int(ts) >= old.ts:
-                    newest[key] = Association(medium, address, mxid, int(ts))
+        (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
+        if check != "ok":
+            raise SydentImportError(f"{db_path}: the database is damaged ({check})")
+        names = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        present = [table for table in _TABLES if table in names]
+        if not present:
+            raise SydentImportError(f"{db_path}: not a sydent database (none of its tables)")
+        if len(present) < len(_TABLES):
+            missing = ", ".join(table for table in _TABLES if table not in names)
+            raise SydentImportError(f"{db_path}: not a complete sydent database (no {missing})")
+        columns = {
+            table: {row[1].lower(): row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for table in _TABLES
+        }
+    except sqlite3.DatabaseError as exc:
+        raise SydentImportError(f"{db_path}: not an SQLite database ({exc})") from exc
+    for table in (LOCAL, GLOBAL):
+        needed = [*_ASSOCIATION_COLUMNS, "notbefore|not_before", "notafter|not_after"]
+        for column in needed:
+            if not any(name in columns[table] for name in column.split("|")):
+                raise SydentImportError(f"{db_path}: {table} has no {column.split('|')[0]} column")
+    for column in _INVITE_COLUMNS:
+        if column not in columns[INVITES]:
+            raise SydentImportError(f"{db_path}: {INVITES} has no {column} column")
+    return columns
+
+
+class _NewestAssociations:
+    """The SQL that picks, per 3PID, the newest row of both association tables."""
+
+    def __init__(self, columns: dict[str, dict[str, str]], now_ms: int) -> None:
+        selects = []
+        for source, table in enumerate((LOCAL, GLOBAL)):
+            spelt = columns[table]
+            not_before = spelt.get("notbefore") or spelt["not_before"]
+            not_after = spelt.get("notafter") or spelt["not_after"]
+            selects.append(
+                f"SELECT {source} AS source, id, medium, address, mxid, ts,"
+                f' "{not_before}" AS not_before, "{not_after}" AS not_after FROM {table}'
+            )
+        # Local first on a tie: an unbind is written there only.
+        self._newest = (
+            "SELECT medium, address, mxid, ts, not_before, not_after FROM ("
+            " SELECT *, row_number() OVER ("
+            "  PARTITION BY medium,"
+            "   CASE WHEN medium = 'email' THEN lower(address) ELSE address END"
+            "  ORDER BY ts DESC, source, id DESC) AS rank"
+            f" FROM ({' UNION ALL '.join(selects)})"
+            ") WHERE rank = 1"
+        )
+        self._now_ms = int(now_ms)
+
+    def counts(self) -> str:
+        """One row: bound, expired, unbound."""
+        now = self._now_ms
+        return (
+            "SELECT"
+            f" coalesce(sum(mxid IS NOT NULL AND not_after >= {now}), 0),"
+            f" coalesce(sum(mxid IS NOT NULL AND (not_after IS NULL OR not_after < {now})), 0),"
+            " coalesce(sum(mxid IS NULL), 0)"
+            f" FROM ({self._newest})"
+        )
+
+    def bound(self) -> str:
+        """The rows to import, as ``ImportedBinding`` fields."""
+        return (
+            "SELECT medium, address, mxid, coalesce(ts, 0), coalesce(not_before, 0), not_after"
+            f" FROM ({self._newest})"
+            f" WHERE mxid IS NOT NULL AND not_after >= {self._now_ms}"
+        )
+
+
+def _fetch(conn: sqlite3.Connection, db_path: Path, sql: str) -> tuple[int, int, int]:
+    try:
+        bound, expired, unbound = conn.execute(sql).fetchone()
     except sqlite3.Error as exc:
-        raise SydentImportError(f"{db_path}: not a sydent database ({exc})") from exc
-    finally:
-        conn.close()
-    return sorted(newest.values(), key=lambda a: (a.medium, a.address))
+        raise SydentImportError(f"{db_path}: cannot read sydent's associations: {exc}") from exc
+    return int(bound), int(expired), int(unbound)
+
+
+def _ms(ts: int | None, default: int) -> int:
+    if ts is None:
+        return default
+    return int(ts) * 1000 if int(ts) < _SECONDS_BELOW else int(ts)
+
+
+def _read_invites(
+    conn: sqlite3.Connection,
+    db_path: Path,
+    columns: dict[str, str],
+    key: SydentKey | None,
+    now_ms: int,
+) -> tuple[list[ImportedInvite], int]:
+    """The pending invites, and how many were delivered already."""
+    received = "received_ts" if "received_ts" in columns else "NULL"
+    try:
+        (delivered,) = conn.execute(
+            f"SELECT count(*) FROM {INVITES} WHERE sent_ts IS NOT NULL"
+        ).fetchone()
+        rows = conn.execute(
+            f"SELECT id, medium, address, room_id, sender, token, {received} FROM {INVITES}"
+            " WHERE sent_ts IS NULL ORDER BY id"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise SydentImportError(f"{db_path}: cannot read sydent's invites: {exc}") from exc
+    invites = [
+        ImportedInvite(
+            source_id=str(row_id),
+            token=str(token),
+            medium=str(medium),
+            address=str(address),
+            room_id=str(room_id),
+            sender=str(sender),
+            created_ts=_ms(received_ts, now_ms),
+            signing_key_id=key.key_id if key is not None else None,
+        )
+        for row_id, medium, address, room_id, sender, token, received_ts in rows
+    ]
+    return invites, int(delivered)
+
+
+def _read_ephemeral_keys(conn: sqlite3.Connection, db_path: Path) -> list[ImportedEphemeralKey]:
+    try:
+        rows = conn.execute(
+            f"SELECT public_key, persistence_ts FROM {EPHEMERAL} ORDER BY id"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise SydentImportError(f"{db_path}: cannot read sydent's ephemeral keys: {exc}") from exc
+    now_ms = int(time.time() * 1000)
+    return [
+        ImportedEphemeralKey(public_key=str(public_key).rstrip("="), created_ts=_ms(ts, now_ms))
+        for public_key, ts in rows
+    ]
