@@ -35,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import nacl.signing
@@ -269,9 +270,9 @@ def _read_sqlite(path: Path) -> _Tables:
 
 
 async def _read_postgres(url: str) -> _Tables:
-    where = url.partition("@")[2] or url
+    where = _safe_location(url)
     try:
-        conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(url, timeout=10)
     except (OSError, asyncpg.PostgresError, ValueError) as exc:
         raise Ma1sdImportError(f"{where}: cannot connect to the ma1sd store ({exc})") from exc
     try:
@@ -297,6 +298,17 @@ async def _read_postgres(url: str) -> _Tables:
     finally:
         await conn.close()
     return _Tables(rows, int(history))
+
+
+def _safe_location(url: str) -> str:
+    """The URL's host, port and database, for messages: never its user, password or query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "the ma1sd PostgreSQL URL"
+    return f"postgresql://{host}{port}{parts.path}"
 
 
 def read_key_store(key_dir: Path) -> KeyStore:

@@ -286,7 +286,11 @@ async def test_foreign_or_unreachable_postgres(postgres_database: str) -> None:
     finally:
         await conn.execute(f"DROP SCHEMA {schema} CASCADE")
         await conn.close()
-    await _expect_failure("postgresql://nobody@127.0.0.1:1/ma1sd", None, "cannot connect")
+    url = "postgresql://nobody:hunter2@127.0.0.1:1/ma1sd?password=hunter3"
+    with pytest.raises(ImportFailed) as info:
+        await read_ma1sd(url, None)
+    assert str(info.value).startswith("postgresql://127.0.0.1:1/ma1sd: cannot connect")
+    assert "hunter" not in str(info.value)
 
 
 async def test_bad_invite_rows(ma1sd_db: str) -> None:
