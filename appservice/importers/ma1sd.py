@@ -23,8 +23,8 @@ An invite without ``created_at`` (stored before mxisd 1.4.0) was counted by ma1s
 start; here it is counted from the import, so its expiry restarts at the switch.
 
 ma1sd's ``isvalid`` answered by a key's presence in the store, whatever ``is_valid`` said; here a
-key marked invalid is imported revoked (ma1sd itself never marked one: only an operator did),
-and the ephemeral keys of resolved invites are not imported (their invites are done).
+key marked invalid is imported revoked (it was disabled there on purpose), and the ephemeral keys
+of resolved invites are not imported (their invites are done).
 """
 
 from __future__ import annotations
