@@ -455,24 +455,18 @@ class IdentityServer:
     async def _start_appservice(self) -> None:
         """Start the private appservice listener, its action worker and user registration."""
         # mautrix's appservice side is imported only when it is enabled (0.3 s of start-up).
-        from mautrix.appservice.state_store.asyncpg import PgASStateStore
         from mautrix.types import UserID
 
-        from appservice.db.appservice import RoomAction
         from appservice.matrix.actions import RoomActionWorker
         from appservice.matrix.appservice import IdentityAppService
-        from appservice.matrix.bot import (
-            BOT_COMMAND,
-            BOT_JOIN,
-            RoomBot,
-            bot_action_for,
-        )
+        from appservice.matrix.bot import RoomBot, bot_action_for, expiry_notice
+        from appservice.matrix.state_store import RoomStateStore
         from appservice.services.room_invites import RoomInviteCommands
 
         config = self.config.appservice
         matrix = IdentityAppService(
             config,
-            PgASStateStore(self.db.db),
+            RoomStateStore(self.db.db),
             self.expired_invites.handle_transaction,
             self.metrics,
         )
@@ -486,30 +480,32 @@ class IdentityServer:
         self.matrix = matrix
         log.info("appservice listening on %s:%d", config.listen.host, config.listen.port)
         expiration = self.config.invites.expiration
+        our_users = frozenset({matrix.bot_mxid, self.invites.expired_user_id})
         bot = RoomBot(
             RoomInviteCommands(
                 InviteStore(self.db),
                 self.invites,
                 float(expiration.after) if expiration.enabled else None,
             ),
-            config.bot_command_prefix,
+            self.appservice_store,
+            self.db,
+            self.clock,
+            prefix=config.bot_command_prefix,
+            our_users=our_users,
         )
-        our_users = frozenset({matrix.bot_mxid, self.invites.expired_user_id})
         self.expired_invites.bot_user_id = matrix.bot_mxid
         self.expired_invites.bot_action_for = lambda event: bot_action_for(
             event, matrix.bot_mxid, our_users, config.bot_command_prefix
         )
-
-        async def perform_bot_action(intent: Any, action: RoomAction) -> None:
-            await bot.perform(intent, action.kind, action.room_id, action.event_id)
-
+        if config.bot_expiry_notice:
+            self.expired_invites.expiry_notice_for = expiry_notice
         self.action_worker = worker = RoomActionWorker(
             self.appservice_store,
             lambda user_id: matrix.intent.user(UserID(user_id)),
             self.clock,
             post_notice=config.post_notice,
             metrics=self.metrics,
-            performers={BOT_JOIN: perform_bot_action, BOT_COMMAND: perform_bot_action},
+            performers=bot.performers(),
         )
         self.actions_job = PeriodicJob("appservice-actions", ACTIONS_POLL_S, worker.perform_due)
         self.expired_invites.on_recorded = self.actions_job.wake

@@ -426,6 +426,8 @@ class AppserviceConfig:
     bot_localpart: str = "_identity_bot"
     # What a room message must start with to be a command for the bot (docs/room-admins.md).
     bot_command_prefix: str = "!3pid"
+    # When an invite in a room the bot is in expires: the bot also posts an m.notice saying so.
+    bot_expiry_notice: bool = False
     # Localpart of the user that expired invites are resolved to; the appservice rejects them.
     expired_user_localpart: str = "_identity_invite_expired"
     # Instead of rejecting an expired invite with a reason: join, post the reason as m.notice,

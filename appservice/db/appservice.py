@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,43 @@ class AppserviceStore:
             PENDING,
         )
         return value is not None
+
+    async def save_text(self, action_id: str, text: str) -> str | None:
+        """Store what a pending action is to post (the bot's answer, computed once) in its
+        ``reason``, unless it holds one already; returns the text it holds now (None: no such
+        pending action)."""
+        value = await self._db.fetchval(
+            "UPDATE appservice_actions SET reason = CASE WHEN reason = '' THEN $2 ELSE reason END"
+            " WHERE id = $1 AND state = $3 RETURNING reason",
+            action_id,
+            text,
+            PENDING,
+        )
+        return str(value) if value is not None else None
+
+    async def cancel_open_in_room(
+        self, room_id: str, user_id: str, kinds: Sequence[str], up_to_ts: int, now_ms: int
+    ) -> int:
+        """Finish, undone, the open actions of ``kinds`` of ``user_id`` in the room recorded up
+        to ``up_to_ts`` (the user was removed from the room); how many."""
+        if not kinds:
+            return 0
+        placeholders = ", ".join(f"${i}" for i in range(7, 7 + len(kinds)))
+        rows = await self._db.fetch(
+            "UPDATE appservice_actions SET state = $1, done_ts = $2,"
+            " last_error = 'cancelled: removed from the room',"
+            " claimed_until = NULL, claimed_by = NULL"
+            " WHERE room_id = $3 AND user_id = $4 AND created_ts <= $5"
+            f" AND state = $6 AND kind IN ({placeholders}) RETURNING id",
+            DONE,
+            now_ms,
+            room_id,
+            user_id,
+            up_to_ts,
+            PENDING,
+            *kinds,
+        )
+        return len(rows)
 
     async def purge_finished_actions(self, before_ms: int) -> int:
         """Forget actions done or failed before ``before_ms``."""

@@ -32,6 +32,7 @@ from appservice.api.http import (
 )
 from appservice.config import AppserviceConfig
 from appservice.errors import MatrixError, bad_json
+from appservice.matrix.state_store import RoomStateStore
 from appservice.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -148,15 +149,29 @@ class IdentityAppService(AppService):
     async def _update_state_store(self, events: list[dict[str, Any]]) -> None:
         """Keep mautrix's state store (power levels, create events, memberships) current with
         the rooms' state events, as mautrix's own transaction handler does; the bot reads the
-        power levels from it. A cache: an event it cannot take is logged and skipped."""
+        power levels from it. A cache: an event it cannot take is logged and skipped.
+
+        When the bot leaves a room (or is kicked or banned) the room is forgotten: no more of
+        its events will arrive, and if the bot comes back the state is read afresh."""
         for raw in events:
             if "state_key" not in raw:
                 continue
             try:
                 event = StateEvent.deserialize(cast(JSON, raw))
                 await self.state_store.update_state(event)
+                if self._bot_left(raw) and isinstance(self.state_store, RoomStateStore):
+                    await self.state_store.forget_room(str(event.room_id))
             except Exception as e:  # a malformed event, or the database: the cache may lag
                 log.warning("state store not updated for %s: %s", raw.get("event_id"), e)
+
+    def _bot_left(self, event: dict[str, Any]) -> bool:
+        content = event.get("content")
+        return (
+            event.get("type") == "m.room.member"
+            and event.get("state_key") == self.bot_mxid
+            and isinstance(content, dict)
+            and content.get("membership") in ("leave", "ban")
+        )
 
     async def _http_handle_transaction(self, request: web.Request) -> web.Response:
         txn_id = request.match_info["transaction_id"]

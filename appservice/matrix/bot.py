@@ -1,14 +1,27 @@
-"""The bot's room commands: parsing (``!3pid list``, ``!3pid withdraw <id>``, ``!3pid help``).
+"""The bot: its room commands (``!3pid list``, ``!3pid withdraw <id>``, ``!3pid help``), which
+events of a transaction give it something to do, and doing it (join when invited, leave rooms
+where it is alone, forget rooms it was removed from, answer commands, post expiry notices).
 
 Only a message that starts with the command prefix is a command; everything else is ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from appservice.clock import Clock
+from appservice.db.appservice import AppserviceStore, RoomAction
+from appservice.db.database import AppDatabase
+from appservice.db.invites import Invite
+from appservice.matrix.state_store import RoomStateStore
+from appservice.services.expired_invites import BOT_EXPIRY_NOTICE
 from appservice.services.room_invites import RoomInviteCommands, RoomPowers
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "!3pid"
 
@@ -60,13 +73,21 @@ def help_text(prefix: str = DEFAULT_PREFIX) -> str:
 
 BOT_JOIN = "bot_join"
 BOT_COMMAND = "bot_command"
+# Someone left or was removed: the bot leaves too if nobody else is left in the room.
+BOT_LEAVE_IF_ALONE = "bot_leave_if_alone"
+# The bot was kicked or banned: drop what it still had to do there and forget the room.
+BOT_REMOVED = "bot_removed"
+BOT_KINDS = (BOT_JOIN, BOT_COMMAND, BOT_LEAVE_IF_ALONE, BOT_REMOVED, BOT_EXPIRY_NOTICE)
+# What is cancelled when the bot is removed from a room (a join is kept: a re-invite's).
+_CANCELLED_ON_REMOVAL = (BOT_COMMAND, BOT_LEAVE_IF_ALONE, BOT_EXPIRY_NOTICE)
 
 
 def bot_action_for(
     event: dict[str, Any], bot_user_id: str, our_users: frozenset[str], prefix: str
 ) -> tuple[str, str, str] | None:
     """(kind, room_id, event_id) of what the bot must do for a transaction's event, else None:
-    join when invited, answer a command message. Messages of our own users (the bot, the
+    join when invited; forget the room when kicked or banned; see whether it is alone when
+    someone else leaves; answer a command message. Messages of our own users (the bot, the
     inviteExpired user) and notices (what bots send) are never commands."""
     room_id, event_id = event.get("room_id"), event.get("event_id")
     content = event.get("content")
@@ -74,8 +95,17 @@ def bot_action_for(
         return None
     if not isinstance(content, dict):
         return None
-    if event.get("type") == "m.room.member" and event.get("state_key") == bot_user_id:
-        return (BOT_JOIN, room_id, event_id) if content.get("membership") == "invite" else None
+    if event.get("type") == "m.room.member":
+        membership, member = content.get("membership"), event.get("state_key")
+        if member == bot_user_id:
+            if membership == "invite":
+                return BOT_JOIN, room_id, event_id
+            if membership == "ban" or (membership == "leave" and event.get("sender") != member):
+                return BOT_REMOVED, room_id, event_id
+            return None
+        if isinstance(member, str) and member not in our_users and membership in ("leave", "ban"):
+            return BOT_LEAVE_IF_ALONE, room_id, event_id
+        return None
     if event.get("type") != "m.room.message" or event.get("sender") in our_users:
         return None
     body = content.get("body")
@@ -84,10 +114,26 @@ def bot_action_for(
     return (BOT_COMMAND, room_id, event_id) if parse_command(body, prefix) else None
 
 
+def expiry_notice(invite: Invite, expired_after: str) -> str:
+    """What the bot posts when an invite in its room expired (appservice.bot_expiry_notice)."""
+    return (
+        f"The invitation to {invite.display_name} by {invite.sender} expired after"
+        f" {expired_after} and was withdrawn."
+    )
+
+
+def notice_txn_id(action: RoomAction) -> str:
+    """The transaction id of the notice an action posts, the same on every attempt: the
+    homeserver then keeps one notice when a retry sends it again."""
+    digest = hashlib.sha256(f"{action.kind}\0{action.event_id}".encode()).hexdigest()
+    return f"3pid-{digest[:32]}"
+
+
 async def room_powers(intent: Any, room_id: str) -> RoomPowers:
     """The room's power levels and creators, from the appservice's state store (kept current by
-    the transactions of rooms the bot is in), else from the homeserver. A room without an
-    ``m.room.power_levels`` event gets ``power_levels=None`` (the spec's defaults apply)."""
+    the transactions of rooms the bot is in, dropped when it leaves), else from the homeserver.
+    A room without an ``m.room.power_levels`` event gets ``power_levels=None`` (the spec's
+    defaults apply)."""
     from mautrix.errors import MNotFound
     from mautrix.types import EventType, RoomID
 
@@ -98,7 +144,10 @@ async def room_powers(intent: Any, room_id: str) -> RoomPowers:
         content = levels.serialize()
     else:
         try:
-            fetched = await intent.get_state_event(room, EventType.ROOM_POWER_LEVELS)
+            # Never joins by itself (mautrix's intent would): a room the bot left stays left.
+            fetched = await intent.get_state_event(
+                room, EventType.ROOM_POWER_LEVELS, ensure_joined=False
+            )
         except MNotFound:
             content = None
         else:
@@ -106,7 +155,9 @@ async def room_powers(intent: Any, room_id: str) -> RoomPowers:
             content = fetched.serialize()
     create = await intent.state_store.get_create(room)
     if create is None:
-        create = await intent.get_state_event(room, EventType.ROOM_CREATE, format="event")
+        create = await intent.get_state_event(
+            room, EventType.ROOM_CREATE, format="event", ensure_joined=False
+        )
     return RoomPowers(
         content,
         creator=str(create.sender),
@@ -115,37 +166,161 @@ async def room_powers(intent: Any, room_id: str) -> RoomPowers:
     )
 
 
+class _AnsweredElsewhere(Exception):
+    """Another attempt stored its answer first (or the action was finished): roll back ours."""
+
+    def __init__(self, stored: str | None) -> None:
+        super().__init__("answered elsewhere")
+        self.stored = stored
+
+
 class RoomBot:
-    """Performs the bot's recorded actions: join when invited, answer a command with a notice."""
+    """Performs the bot's recorded actions (the kinds in BOT_KINDS)."""
 
-    def __init__(self, commands: RoomInviteCommands, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        commands: RoomInviteCommands,
+        store: AppserviceStore,
+        db: AppDatabase,
+        clock: Clock,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        our_users: frozenset[str] = frozenset(),
+    ) -> None:
         self._commands = commands
+        self._store = store
+        self._db = db
+        self._clock = clock
         self._prefix = prefix
+        # The bot and the inviteExpired user: a room with only them is empty.
+        self._our_users = our_users
 
-    async def perform(self, intent: Any, kind: str, room_id: str, event_id: str) -> None:
-        """Do ``kind`` for the event ``event_id`` (errors propagate: the worker retries)."""
-        from mautrix.types import EventID, RoomID
+    def performers(self) -> dict[str, Callable[[Any, RoomAction], Awaitable[None]]]:
+        """What the room action worker calls for each kind of the bot's actions."""
+        return dict.fromkeys(BOT_KINDS, self.perform)
 
-        room = RoomID(room_id)
-        if kind == BOT_JOIN:
+    async def perform(self, intent: Any, action: RoomAction) -> None:
+        """Do ``action`` as the bot (errors propagate: the worker retries; a 403 or 404 from
+        the homeserver means there is nothing left to do).
+
+        Nothing here joins a room by itself (mautrix's intent would, before reading or sending
+        in a room it is not in), so a room the bot was removed from stays left.
+        """
+        from mautrix.errors import IntentError
+        from mautrix.types import RoomID
+
+        room = RoomID(action.room_id)
+        if action.kind == BOT_JOIN:
             await intent.join_room_by_id(room)
-            return
-        event = await intent.get_event(room, EventID(event_id))
-        body = getattr(event.content, "body", None)
-        command = parse_command(body, self._prefix) if isinstance(body, str) else None
-        if command is None:
-            return
-        await intent.send_notice(
-            room, await self.answer(intent, room_id, str(event.sender), command)
-        )
+        elif action.kind == BOT_LEAVE_IF_ALONE:
+            await self._leave_if_alone(intent, room)
+        elif action.kind == BOT_REMOVED:
+            await self._removed(intent, action)
+        else:
+            try:
+                if action.kind == BOT_EXPIRY_NOTICE:
+                    await self._expiry_notice(intent, action)
+                elif action.kind == BOT_COMMAND:
+                    await self._command(intent, action)
+            except IntentError as e:  # mautrix's check: the bot may not post here
+                log.info("%s in %s: not posted (%s)", action.kind, room, e)
 
-    async def answer(self, intent: Any, room_id: str, sender: str, command: Command) -> str:
-        """The notice text for ``command`` sent by ``sender``."""
+    async def _command(self, intent: Any, action: RoomAction) -> None:
+        """Answer a command: computed once (with what it changes) and stored with the action,
+        so a retry, e.g. after the notice could not be sent, sends the same answer."""
+        from mautrix.types import EventID
+
+        text: str | None = action.reason
+        if not text:
+            event = await intent.get_event(
+                action.room_id, EventID(action.event_id), ensure_joined=False
+            )
+            body = getattr(event.content, "body", None)
+            command = parse_command(body, self._prefix) if isinstance(body, str) else None
+            if command is None:
+                return
+            text = await self._answer_once(intent, action, str(event.sender), command)
+        if text is not None:
+            await self._send(intent, action, text)
+
+    async def _answer_once(
+        self, intent: Any, action: RoomAction, sender: str, command: Command
+    ) -> str | None:
+        """The answer, computed and stored in one database transaction with the withdrawal it
+        makes; None when the action was finished meanwhile."""
+        powers = await room_powers(intent, action.room_id) if command.name == WITHDRAW else None
+        try:
+            async with self._db.transaction():
+                text = await self.answer(action.room_id, sender, command, powers)
+                stored = await self._store.save_text(action.id, text)
+                if stored != text:
+                    raise _AnsweredElsewhere(stored)
+        except _AnsweredElsewhere as e:
+            return e.stored
+        return text
+
+    async def answer(
+        self, room_id: str, sender: str, command: Command, powers: RoomPowers | None
+    ) -> str:
+        """The notice text for ``command`` sent by ``sender`` (``powers``: the room's, for
+        withdraw)."""
         if command.name == LIST:
             return await self._commands.list_notice(room_id)
-        if command.name == WITHDRAW:
-            powers = await room_powers(intent, room_id)
+        if command.name == WITHDRAW and powers is not None:
             return await self._commands.withdraw_notice(room_id, command.argument, sender, powers)
         if command.name == HELP:
             return help_text(self._prefix)
         return f"Unknown command {command.argument!r}; try {self._prefix} help."
+
+    async def _send(self, intent: Any, action: RoomAction, text: str) -> None:
+        await intent.send_notice(
+            action.room_id, text, txn_id=notice_txn_id(action), ensure_joined=False
+        )
+
+    async def _leave_if_alone(self, intent: Any, room_id: str) -> None:
+        # Asked of the homeserver, not the state store: the store knows only the members whose
+        # events arrived since the bot joined. 403 when the bot is not in the room.
+        members = await intent.get_joined_members(room_id, ensure_joined=False)
+        others = [m for m in members if str(m) not in self._our_users and m != intent.mxid]
+        if others:
+            return
+        log.info("the bot is alone in %s: leaving", room_id)
+        await intent.leave_room(room_id)
+
+    async def _removed(self, intent: Any, action: RoomAction) -> None:
+        """Kicked or banned: no more answers there, nothing cached about the room, and the
+        room forgotten on the homeserver, unless the bot was invited back meanwhile."""
+        from mautrix.errors import MatrixRequestError
+        from mautrix.types import Membership
+
+        cancelled = await self._store.cancel_open_in_room(
+            action.room_id,
+            action.user_id,
+            _CANCELLED_ON_REMOVAL,
+            action.created_ts,
+            self._clock.now_ms(),
+        )
+        membership = await intent.state_store.get_membership(action.room_id, intent.mxid)
+        if membership in (Membership.INVITE, Membership.JOIN):
+            return
+        if isinstance(intent.state_store, RoomStateStore):
+            await intent.state_store.forget_room(action.room_id)
+        try:
+            await intent.forget_room(action.room_id)
+        except MatrixRequestError as e:
+            if e.http_status != 400:  # 400: in the room again by now
+                raise
+        log.info(
+            "removed from %s: forgotten, %d open action(s) cancelled", action.room_id, cancelled
+        )
+
+    async def _expiry_notice(self, intent: Any, action: RoomAction) -> None:
+        """Post the stored expiry notice if the bot is in the room."""
+        from mautrix.types import EventType, Membership
+
+        member = await intent.get_state_event(
+            action.room_id, EventType.ROOM_MEMBER, state_key=intent.mxid, ensure_joined=False
+        )
+        if getattr(member, "membership", None) != Membership.JOIN:
+            return
+        await self._send(intent, action, action.reason)

@@ -23,13 +23,17 @@ from typing import Any
 from appservice.clock import Clock
 from appservice.db.appservice import LEAVE, REJECT, AppserviceStore
 from appservice.db.database import AppDatabase
-from appservice.db.invites import InviteStore
+from appservice.db.invites import Invite, InviteStore
 from appservice.notifications.generator import MessageGenerator
 
 log = logging.getLogger(__name__)
 
 # Handled transaction ids are kept this long (the homeserver stops retrying long before).
 TRANSACTION_MEMORY_S = 7 * 86400
+
+# The bot's notice that an invite expired (appservice.bot_expiry_notice), recorded with the
+# rejection of the inviteExpired user's invite and posted by the bot (matrix/bot.py).
+BOT_EXPIRY_NOTICE = "bot_expiry_notice"
 
 
 def events_digest(events: list[dict[str, Any]]) -> str:
@@ -66,6 +70,15 @@ def human_duration(seconds: float) -> str:
     return _count(round(seconds), "second")
 
 
+def _invite_token(event: dict[str, Any]) -> str | None:
+    """The token of the 3PID invite a membership event comes from, if any."""
+    content = event.get("content")
+    third_party = content.get("third_party_invite") if isinstance(content, dict) else None
+    signed = third_party.get("signed") if isinstance(third_party, dict) else None
+    token = signed.get("token") if isinstance(signed, dict) else None
+    return token if isinstance(token, str) else None
+
+
 class ExpiredInviteService:
     """Records what the inviteExpired user must do."""
 
@@ -91,6 +104,9 @@ class ExpiredInviteService:
         # transaction as the inviteExpired user's (set when the appservice runs, see matrix/bot.py).
         self.bot_action_for: Callable[[dict[str, Any]], tuple[str, str, str] | None] | None = None
         self.bot_user_id = ""
+        # The bot's notice text for an expired invite and how long it waited, when the bot
+        # posts one (set when the appservice runs with appservice.bot_expiry_notice).
+        self.expiry_notice_for: Callable[[Invite, str], str] | None = None
         # Wakes the job that performs actions (after the transaction committed).
         self.on_recorded: Callable[[], None] = lambda: None
 
@@ -130,6 +146,17 @@ class ExpiredInviteService:
                     now,
                 ):
                     recorded += 1
+                notice = await self._expiry_notice(event) if kind == REJECT else None
+                if notice is not None and await self._store.add_action(
+                    secrets.token_urlsafe(12),
+                    BOT_EXPIRY_NOTICE,
+                    room_id,
+                    self.bot_user_id,
+                    notice,
+                    event_id,
+                    now,
+                ):
+                    recorded += 1
         if recorded:
             log.info("transaction %s: %d room action(s) recorded", txn_id, recorded)
             self.on_recorded()
@@ -152,18 +179,29 @@ class ExpiredInviteService:
             return LEAVE, room_id, event_id
         return None
 
+    async def _expiry_notice(self, event: dict[str, Any]) -> str | None:
+        """The bot's notice for the invite of this event when it is one of ours that expired
+        (not one withdrawn through the bot or by the operator before its time), if enabled."""
+        if self.expiry_notice_for is None or not self.bot_user_id:
+            return None
+        token = _invite_token(event)
+        invite = await self._invites.by_token(token) if token else None
+        if invite is None or invite.resolved_ts is None:
+            return None
+        if invite.resolved_ts - invite.created_ts < self._expire_after_s * 1000:
+            return None
+        if await self._invites.withdrawn_by(invite.id) is not None:
+            return None
+        return self.expiry_notice_for(invite, human_duration(self._expire_after_s))
+
     async def _reason(self, event: dict[str, Any]) -> str:
         """The rejection reason, with the invite's details when it is one of ours."""
         content = event.get("content", {})
         third_party = content.get("third_party_invite")
-        token = None
+        token = _invite_token(event)
         display_name = ""
-        if isinstance(third_party, dict):
-            signed = third_party.get("signed")
-            if isinstance(signed, dict) and isinstance(signed.get("token"), str):
-                token = signed["token"]
-            if isinstance(third_party.get("display_name"), str):
-                display_name = third_party["display_name"]
+        if isinstance(third_party, dict) and isinstance(third_party.get("display_name"), str):
+            display_name = third_party["display_name"]
         invite = await self._invites.by_token(token) if token else None
         if invite is not None:
             invited_on = datetime.datetime.fromtimestamp(

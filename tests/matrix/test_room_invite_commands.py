@@ -1,17 +1,40 @@
-"""The bot's list and withdraw answers on a real database (both dialects)."""
+"""The bot on a real database (both dialects): list and withdraw answers, the answer computed
+once (a retry re-sends it), leaving rooms where it is alone, forgetting rooms it was removed
+from, the expiry notice."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from mautrix.errors import MNotFound
-from mautrix.types import PowerLevelStateEventContent, StateEvent, UserID
+import pytest
+from mautrix.errors import MatrixConnectionError, MNotFound
+from mautrix.types import (
+    EventType,
+    Membership,
+    MemberStateEventContent,
+    PowerLevelStateEventContent,
+    StateEvent,
+    UserID,
+)
 
+from appservice.clock import FakeClock
+from appservice.db.appservice import DONE, REJECT, RoomAction
 from appservice.db.invites import EXPIRED, PENDING, InviteStore
-from appservice.matrix.bot import BOT_COMMAND, RoomBot, room_powers
+from appservice.matrix.actions import RETRY_INITIAL_S, RoomActionWorker
+from appservice.matrix.bot import (
+    BOT_COMMAND,
+    BOT_EXPIRY_NOTICE,
+    BOT_JOIN,
+    BOT_LEAVE_IF_ALONE,
+    BOT_REMOVED,
+    RoomBot,
+    notice_txn_id,
+    room_powers,
+)
 from appservice.services.room_invites import RoomInviteCommands, RoomPowers, short_id
 from tests.api.test_invites import ROOM, invite
+from tests.matrix.conftest import BOT, EXPIRED_USER, HomeserverSide, member_event, message_event
 from tests.support.api_server import Api
 
 ALICE = "@alice:hs.test"
@@ -69,12 +92,16 @@ class FakeStateStore:
     def __init__(self, levels: Any) -> None:
         self.levels = levels
         self.saved: list[Any] = []
+        self.membership = Membership.JOIN
 
     async def get_power_levels(self, room_id: str) -> Any:
         return self.levels
 
     async def set_power_levels(self, room_id: str, content: Any) -> None:
         self.saved.append(content)
+
+    async def get_membership(self, room_id: str, user_id: str) -> Membership:
+        return self.membership
 
     async def get_create(self, room_id: str) -> Any:
         return StateEvent.deserialize(
@@ -91,29 +118,84 @@ class FakeStateStore:
 
 
 class FakeIntent:
-    """The part of mautrix's IntentAPI the bot uses; the room has no power-levels event."""
+    """The part of mautrix's IntentAPI the bot uses; the room has no power-levels event.
+    Every call that could make mautrix join the room must say ``ensure_joined=False``."""
+
+    mxid = BOT
 
     def __init__(self, levels: Any = None) -> None:
         self.state_store = FakeStateStore(levels)
         self.notices: list[str] = []
+        self.txn_ids: list[str] = []
         self.messages: dict[str, tuple[str, str]] = {}
+        self.members = [BOT, ALICE]
+        self.left: list[str] = []
+        self.forgotten: list[str] = []
+        # Errors the next sends raise, one each.
+        self.send_errors: list[Exception] = []
+
+    async def ensure_registered(self) -> None:
+        pass
 
     async def get_state_event(self, room_id: str, event_type: Any, **kw: Any) -> Any:
+        assert kw.get("ensure_joined") is False
+        if event_type == EventType.ROOM_MEMBER:
+            return MemberStateEventContent(membership=self.state_store.membership)
         raise MNotFound(404, "no power levels")
 
-    async def get_event(self, room_id: str, event_id: str) -> Any:
+    async def get_event(self, room_id: str, event_id: str, **kw: Any) -> Any:
+        assert kw.get("ensure_joined") is False
         sender, body = self.messages[event_id]
         return SimpleNamespace(sender=sender, content=SimpleNamespace(body=body))
 
-    async def send_notice(self, room_id: str, text: str) -> None:
+    async def send_notice(self, room_id: str, text: str, **kw: Any) -> None:
+        assert kw.get("ensure_joined") is False
+        self.txn_ids.append(kw["txn_id"])
+        if self.send_errors:
+            raise self.send_errors.pop(0)
         self.notices.append(text)
+
+    async def get_joined_members(self, room_id: str, **kw: Any) -> dict[str, Any]:
+        assert kw.get("ensure_joined") is False
+        return dict.fromkeys(self.members)
+
+    async def leave_room(self, room_id: str, **kw: Any) -> None:
+        self.left.append(room_id)
+
+    async def forget_room(self, room_id: str) -> None:
+        self.forgotten.append(room_id)
+
+
+def room_bot(api: Api) -> RoomBot:
+    server = api.server
+    return RoomBot(
+        commands(api),
+        server.appservice_store,
+        server.db,
+        server.clock,
+        our_users=frozenset({BOT, server.invites.expired_user_id}),
+    )
+
+
+async def record(api: Api, kind: str, event_id: str, reason: str = "") -> RoomAction:
+    """A pending action of the bot for ``event_id``, as a transaction records it."""
+    store = api.server.appservice_store
+    now = api.server.clock.now_ms()
+    assert await store.add_action(f"a{event_id}", kind, ROOM, BOT, reason, event_id, now)
+    [action] = [a for a in await store.actions() if a.event_id == event_id and a.kind == kind]
+    return action
+
+
+async def state_of(api: Api, action: RoomAction) -> RoomAction:
+    [now] = [a for a in await api.server.appservice_store.actions() if a.id == action.id]
+    return now
 
 
 async def test_without_power_levels_only_the_creator_and_the_sender_may_withdraw(
     quiet: Api,
 ) -> None:
     pending = await invite(quiet, "carol@example.com")
-    bot = RoomBot(commands(quiet))
+    bot = room_bot(quiet)
     intent = FakeIntent()
     powers = await room_powers(intent, ROOM)
     assert powers.power_levels is None and powers.creator == ALICE
@@ -125,7 +207,7 @@ async def test_without_power_levels_only_the_creator_and_the_sender_may_withdraw
         "$5": (ALICE, "!3pid nonsense"),
     }
     for event_id in intent.messages:
-        await bot.perform(intent, BOT_COMMAND, ROOM, event_id)
+        await bot.perform(intent, await record(quiet, BOT_COMMAND, event_id))
     refused, listed, withdrawn, empty, hint = intent.notices
     assert refused.startswith("You may not withdraw")
     assert short_id(pending) in listed
@@ -133,6 +215,8 @@ async def test_without_power_levels_only_the_creator_and_the_sender_may_withdraw
     assert empty.startswith("No pending invites")
     assert hint.startswith("Unknown command 'nonsense'")
     assert await InviteStore(quiet.server.db).withdrawn_by(pending.id) == ALICE
+    # One transaction id per command, derived from its event.
+    assert len(set(intent.txn_ids)) == 5
 
 
 async def test_cached_power_levels_decide(quiet: Api) -> None:
@@ -140,5 +224,172 @@ async def test_cached_power_levels_decide(quiet: Api) -> None:
     levels = PowerLevelStateEventContent(users={UserID(BOB): 50}, kick=50)
     intent = FakeIntent(levels)
     intent.messages = {"$1": (BOB, f"!3pid withdraw {pending.id}")}
-    await RoomBot(commands(quiet)).perform(intent, BOT_COMMAND, ROOM, "$1")
+    await room_bot(quiet).perform(intent, await record(quiet, BOT_COMMAND, "$1"))
     assert intent.notices[0].startswith("Withdrew")
+
+
+# The answer to a command is computed once.
+
+
+async def test_a_notice_that_failed_to_send_is_sent_again_with_the_same_answer(
+    quiet: Api, clock: FakeClock
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    intent = FakeIntent()
+    intent.messages = {"$w": (ALICE, f"!3pid withdraw {short_id(pending)}")}
+    intent.send_errors = [MatrixConnectionError("connection reset")]
+    action = await record(quiet, BOT_COMMAND, "$w")
+    worker = RoomActionWorker(
+        quiet.server.appservice_store,
+        lambda _user: intent,
+        clock,
+        performers=room_bot(quiet).performers(),
+    )
+
+    assert await worker.perform_due() == 0  # withdrawn, but the confirmation did not go out
+    failed = await state_of(quiet, action)
+    assert (failed.state, failed.attempts) == (PENDING, 1)
+    assert failed.reason.startswith("Withdrew the invite")  # the answer, kept with the action
+    assert await InviteStore(quiet.server.db).withdrawn_by(pending.id) == ALICE
+
+    clock.advance(RETRY_INITIAL_S)
+    assert await worker.perform_due() == 1
+    # The retry sends the original confirmation (not "no pending invite"), under the same
+    # transaction id, so that a homeserver that did get the first one keeps one notice.
+    assert intent.notices == [failed.reason]
+    first, second = intent.txn_ids
+    assert first == second == notice_txn_id(action)
+    assert (await state_of(quiet, action)).state == DONE
+
+
+async def test_an_answer_stored_by_another_attempt_wins_and_ours_is_rolled_back(
+    quiet: Api,
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    intent = FakeIntent()
+    intent.messages = {"$w": (ALICE, f"!3pid withdraw {short_id(pending)}")}
+    action = await record(quiet, BOT_COMMAND, "$w")
+    # Another instance (whose claim lapsed) stored its answer after this one read the action.
+    assert await quiet.server.appservice_store.save_text(action.id, "earlier answer") == (
+        "earlier answer"
+    )
+    await room_bot(quiet).perform(intent, action)
+    assert intent.notices == ["earlier answer"]
+    # This attempt's withdrawal was rolled back with its answer.
+    stored = await InviteStore(quiet.server.db).by_id(pending.id)
+    assert stored is not None and stored.state == PENDING
+
+
+async def test_a_retried_transaction_answers_a_command_once(
+    quiet: Api, homeserver_side: HomeserverSide
+) -> None:
+    command = message_event()
+    command["content"]["body"] = "!3pid list"
+    assert await homeserver_side.transaction("c1", [command]) == (200, {})
+    assert await homeserver_side.transaction("c1", [command]) == (200, {})
+    [action] = await quiet.server.appservice_store.actions()
+    assert (action.kind, action.event_id) == (BOT_COMMAND, command["event_id"])
+
+
+# Leaving and being removed.
+
+
+async def test_the_bot_leaves_a_room_where_nobody_else_is_left(quiet: Api) -> None:
+    intent = FakeIntent()
+    bot = room_bot(quiet)
+    intent.members = [BOT, ALICE]
+    await bot.perform(intent, await record(quiet, BOT_LEAVE_IF_ALONE, "$bob-left"))
+    assert intent.left == []
+    # Our own users do not count as company.
+    intent.members = [BOT, quiet.server.invites.expired_user_id]
+    await bot.perform(intent, await record(quiet, BOT_LEAVE_IF_ALONE, "$alice-left"))
+    assert intent.left == [ROOM]
+
+
+async def test_a_removed_bot_cancels_what_it_had_to_do_there_and_forgets_the_room(
+    quiet: Api, clock: FakeClock
+) -> None:
+    intent = FakeIntent()
+    intent.state_store.membership = Membership.LEAVE
+    command = await record(quiet, BOT_COMMAND, "$cmd")
+    notice = await record(quiet, BOT_EXPIRY_NOTICE, "$exp", "The invitation … expired")
+    join = await record(quiet, BOT_JOIN, "$invite")
+    clock.advance(1)
+    removed = await record(quiet, BOT_REMOVED, "$kick")
+    clock.advance(1)
+    later = await record(quiet, BOT_COMMAND, "$after")
+
+    await room_bot(quiet).perform(intent, removed)
+    assert intent.forgotten == [ROOM]
+    for action in (command, notice):
+        cancelled = await state_of(quiet, action)
+        assert (cancelled.state, cancelled.last_error) == (
+            DONE,
+            "cancelled: removed from the room",
+        )
+    # A join (of a re-invite) and what came after the removal stay.
+    assert (await state_of(quiet, join)).state == PENDING
+    assert (await state_of(quiet, later)).state == PENDING
+    assert intent.notices == []
+
+
+async def test_a_bot_invited_back_meanwhile_does_not_forget_the_room(quiet: Api) -> None:
+    intent = FakeIntent()
+    intent.state_store.membership = Membership.INVITE
+    await room_bot(quiet).perform(intent, await record(quiet, BOT_REMOVED, "$kick"))
+    assert intent.forgotten == []
+
+
+# The expiry notice.
+
+
+async def test_the_expiry_notice_is_posted_only_where_the_bot_is_joined(quiet: Api) -> None:
+    intent = FakeIntent()
+    bot = room_bot(quiet)
+    intent.state_store.membership = Membership.LEAVE
+    await bot.perform(intent, await record(quiet, BOT_EXPIRY_NOTICE, "$1", "It expired."))
+    assert intent.notices == []
+    intent.state_store.membership = Membership.JOIN
+    action = await record(quiet, BOT_EXPIRY_NOTICE, "$2", "It expired.")
+    await bot.perform(intent, action)
+    assert intent.notices == ["It expired."]
+    assert intent.txn_ids[-1] == notice_txn_id(action)
+
+
+@pytest.mark.parametrize("appservice_extra", [{"bot_expiry_notice": True}])
+async def test_an_expired_invite_records_the_bots_notice_once(
+    quiet: Api, homeserver_side: HomeserverSide, clock: FakeClock
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    withdrawn = await invite(quiet, "dave@example.com")
+    early = await invite(quiet, "erin@example.com")
+    assert await quiet.server.invites.withdraw(withdrawn.id, ALICE)
+    assert await quiet.server.invites.expire(early.id)  # the operator, before its time
+    clock.advance(7 * 86400 + 1)
+    assert await quiet.server.invites.expire_due() == 1
+    events = [
+        member_event(EXPIRED_USER, "invite", sender=i.sender, token=i.token)
+        for i in (pending, withdrawn, early)
+    ]
+    assert await homeserver_side.transaction("e1", events) == (200, {})
+    assert await homeserver_side.transaction("e1", events) == (200, {})  # a retry
+    actions = await quiet.server.appservice_store.actions()
+    [notice] = [a for a in actions if a.kind == BOT_EXPIRY_NOTICE]
+    assert (notice.user_id, notice.event_id) == (BOT, events[0]["event_id"])
+    assert notice.reason == (
+        f"The invitation to {pending.display_name} by {pending.sender} expired after 7 days"
+        " and was withdrawn."
+    )
+    assert sorted(a.kind for a in actions) == [BOT_EXPIRY_NOTICE, REJECT, REJECT, REJECT]
+
+
+async def test_without_the_option_an_expiry_records_no_notice(
+    quiet: Api, homeserver_side: HomeserverSide, clock: FakeClock
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    clock.advance(7 * 86400 + 1)
+    assert await quiet.server.invites.expire_due() == 1
+    event = member_event(EXPIRED_USER, "invite", sender=pending.sender, token=pending.token)
+    assert await homeserver_side.transaction("e1", [event]) == (200, {})
+    [action] = await quiet.server.appservice_store.actions()
+    assert action.kind == REJECT

@@ -10,6 +10,8 @@ from appservice.db.invites import PENDING, Invite
 from appservice.matrix.bot import (
     BOT_COMMAND,
     BOT_JOIN,
+    BOT_LEAVE_IF_ALONE,
+    BOT_REMOVED,
     HELP,
     LIST,
     UNKNOWN,
@@ -155,7 +157,9 @@ def message(body: str, msgtype: str = "m.text", **fields: Any) -> dict[str, Any]
 def test_the_bot_joins_when_invited_and_answers_commands_only() -> None:
     invited = event(type="m.room.member", state_key=BOT_ID, content={"membership": "invite"})
     assert bot_action_for(invited, BOT_ID, OURS, "!3pid") == (BOT_JOIN, "!r:example.org", "$e")
-    left = event(type="m.room.member", state_key=BOT_ID, content={"membership": "leave"})
+    left = event(
+        type="m.room.member", state_key=BOT_ID, sender=BOT_ID, content={"membership": "leave"}
+    )
     assert bot_action_for(left, BOT_ID, OURS, "!3pid") is None
     command = message("!3pid list")
     assert bot_action_for(command, BOT_ID, OURS, "!3pid") == (BOT_COMMAND, "!r:example.org", "$e")
@@ -167,3 +171,31 @@ def test_the_bot_ignores_our_own_users_and_notices() -> None:
         assert bot_action_for(message("!3pid list", sender=sender), BOT_ID, OURS, "!3pid") is None
     assert bot_action_for(message("!3pid list", "m.notice"), BOT_ID, OURS, "!3pid") is None
     assert bot_action_for(event(type="m.room.message", content=[]), BOT_ID, OURS, "!3pid") is None
+
+
+def member(state_key: str, membership: str, sender: str = ALICE) -> dict[str, Any]:
+    return event(
+        type="m.room.member", state_key=state_key, sender=sender, content={"membership": membership}
+    )
+
+
+def test_a_kicked_or_banned_bot_forgets_the_room() -> None:
+    room = "!r:example.org"
+    assert bot_action_for(member(BOT_ID, "leave"), BOT_ID, OURS, "!3pid") == (
+        BOT_REMOVED,
+        room,
+        "$e",
+    )
+    assert bot_action_for(member(BOT_ID, "ban"), BOT_ID, OURS, "!3pid") == (BOT_REMOVED, room, "$e")
+    assert bot_action_for(member(BOT_ID, "join", BOT_ID), BOT_ID, OURS, "!3pid") is None
+
+
+def test_someone_leaving_makes_the_bot_check_whether_it_is_alone() -> None:
+    for membership in ("leave", "ban"):
+        action = bot_action_for(member(BOB, membership), BOT_ID, OURS, "!3pid")
+        assert action == (BOT_LEAVE_IF_ALONE, "!r:example.org", "$e")
+    assert bot_action_for(member(BOB, "join"), BOT_ID, OURS, "!3pid") is None
+    assert bot_action_for(member(BOB, "invite"), BOT_ID, OURS, "!3pid") is None
+    # Our own users coming and going change nothing.
+    for user in OURS - {BOT_ID}:
+        assert bot_action_for(member(user, "leave", user), BOT_ID, OURS, "!3pid") is None
