@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import configparser
 import contextlib
 import hashlib
 import json
@@ -34,12 +33,23 @@ from typing import Any
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 
-Popen = subprocess.Popen[bytes]
 REPO = Path(__file__).resolve().parents[1]
+# sydent's installer and config are shared with the import tests (tests/support/sydent.py).
+sys.path.insert(0, str(REPO))
+
+from tests.support.sydent import (  # noqa: E402
+    SYDENT_VERSION,
+    ensure_sydent_venv,
+    read_signing_key,
+    sydent_command,
+    sydent_environment,
+    write_sydent_config,
+)
+
+Popen = subprocess.Popen[bytes]
 MEDIUM = "email"
 USER_ID = "@bench:localhost"
 ROOM_ID = "!bench:localhost"
-SYDENT_VERSION = "2.6.1"
 # Far in the future, as bindings are valid "forever" (ms).
 NOT_AFTER = 4_102_444_800_000
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -503,141 +513,13 @@ class OurServer:
 # sydent
 # --------------------------------------------------------------------------------------------
 
-_SYDENT_TEMPLATES = {
-    "verification_template.eml.j2": """\
-Date: {{ date }}
-From: {{ from|safe }}
-To: {{ to }}
-Message-ID: {{ messageid|safe }}
-Subject: Your validation token
-MIME-Version: 1.0
-Content-Type: multipart/alternative; boundary="{{ multipart_boundary }}"
-
---{{ multipart_boundary }}
-Content-Type: text/plain; charset=UTF-8
-
-Your validation token is {{ token }}.
-Or follow {{ link }}
-
---{{ multipart_boundary }}
-Content-Type: text/html; charset=UTF-8
-
-<p>Your validation token is {{ token }}.</p><p><a href="{{ link }}">Validate</a></p>
-
---{{ multipart_boundary }}--
-""",
-    "invite_template.eml.j2": """\
-Date: {{ date }}
-From: {{ from|safe }}
-To: {{ to }}
-Message-ID: {{ messageid|safe }}
-Subject: {{ subject_header_value }}
-MIME-Version: 1.0
-Content-Type: multipart/alternative; boundary="{{ multipart_boundary }}"
-
---{{ multipart_boundary }}
-Content-Type: text/plain; charset=UTF-8
-
-{{ sender_display_name or sender }} invited you to {{ room_name or room_id }}.
-{{ web_client_location }}/#/room/{{ room_id }}
-
---{{ multipart_boundary }}
-Content-Type: text/html; charset=UTF-8
-
-<p>{{ sender_display_name or sender }} invited you to {{ room_name or room_id }}.</p>
-
---{{ multipart_boundary }}--
-""",
-    "verify_response_template.html": "<html><body><p>%(message)s</p></body></html>\n",
-}
-
-
-def sydent_python(venv: Path) -> Path:
-    """The interpreter of sydent's venv."""
-    return venv / "bin" / "python"
-
-
-def ensure_sydent(venv: Path) -> None:
-    """Install ``matrix-sydent`` (and ``prometheus-client``, which it imports) into ``venv``."""
-    marker = venv / f".sydent-{SYDENT_VERSION}"
-    if marker.exists():
-        return
-    print(f"# installing matrix-sydent=={SYDENT_VERSION} into {venv}", file=sys.stderr)
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    subprocess.run(
-        [
-            str(sydent_python(venv)),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            f"matrix-sydent=={SYDENT_VERSION}",
-            "prometheus-client",
-        ],
-        check=True,
-        timeout=900,
-    )
-    marker.touch()
-
-
-def _write_sydent_templates(directory: Path) -> Path:
-    """sydent's wheel ships no templates: write a minimal brand directory of our own."""
-    root = directory / "templates"
-    brand = root / "matrix-org"
-    brand.mkdir(parents=True, exist_ok=True)
-    for name, text in _SYDENT_TEMPLATES.items():
-        (brand / name).write_text(text)
-    return root
-
-
-def _write_sydent_config(
-    directory: Path, port: int, smtp_port: int, signing_key: str, db_file: Path
-) -> Path:
-    templates = _write_sydent_templates(directory)
-    config = configparser.ConfigParser()
-    config["general"] = {
-        "server.name": f"127.0.0.1:{port}",
-        "log.level": "INFO",
-        "pidfile.path": str(directory / "sydent.pid"),
-        "templates.path": str(templates),
-        "brand.default": "matrix-org",
-        "ip.whitelist": "127.0.0.1",
-        "terms.path": "",
-    }
-    config["db"] = {"db.file": str(db_file)}
-    config["http"] = {
-        "clientapi.http.bind_address": "127.0.0.1",
-        "clientapi.http.port": str(port),
-        "internalapi.http.port": "",
-        "replication.https.port": str(free_port()),
-        "replication.https.bind_address": "127.0.0.1",
-        "federation.verifycerts": "false",
-        "client_http_base": f"http://127.0.0.1:{port}",
-    }
-    config["email"] = {
-        "email.from": "Sydent Bench <noreply@localhost>",
-        "email.smtphost": "127.0.0.1",
-        "email.smtpport": str(smtp_port),
-        "email.hostname": "localhost",
-        "email.tlsmode": "0",
-        "email.ratelimit_sender.burst": "100000000",
-        "email.ratelimit_sender.rate_hz": "1000000",
-    }
-    config["crypto"] = {"ed25519.signingkey": signing_key}
-    path = directory / "sydent.conf"
-    with path.open("w") as f:
-        config.write(f)
-    return path
-
 
 async def _start_sydent(directory: Path, venv: Path, config: Path, port: int) -> Running:
-    env = _clean_env() | {"SYDENT_CONF": str(config), "PYTHONUNBUFFERED": "1"}
     return await start_process(
         "sydent",
-        [str(sydent_python(venv)), "-m", "sydent.sydent"],
+        sydent_command(venv),
         cwd=directory,
-        env=env,
+        env=sydent_environment(config),
         port=port,
         log_path=directory / "sydent.log",
     )
@@ -719,14 +601,14 @@ async def prepare_sydent(n: int, cache_dir: Path, venv: Path) -> Dataset:
             str(final / "sydent.db"),
             str(final / "sydent.conf"),
         )
-    ensure_sydent(venv)
+    ensure_sydent_venv(venv)
     started = time.perf_counter()
     work = cache_dir / f"sydent-{SYDENT_VERSION}-{n}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         port = free_port()
-        config = _write_sydent_config(work, port, 25, "", work / "sydent.db")
+        config = write_sydent_config(work, port=port, smtp_port=25, db_file=work / "sydent.db")
         running = await _start_sydent(work, venv, config, port)
         stop_process(running.process)
         token = "bench_" + secrets.token_urlsafe(24)
@@ -768,11 +650,12 @@ class SydentServer:
 
     async def start(self) -> Running:
         """Start sydent; returns once it answered 200."""
-        cached = configparser.ConfigParser()
-        cached.read(self.dataset.config)
-        signing_key = cached.get("crypto", "ed25519.signingkey")
         port = free_port()
-        config = _write_sydent_config(
-            self.directory, port, self.smtp_port, signing_key, self.db_path
+        config = write_sydent_config(
+            self.directory,
+            port=port,
+            smtp_port=self.smtp_port,
+            db_file=self.db_path,
+            signing_key=read_signing_key(Path(self.dataset.config)),
         )
         return await _start_sydent(self.directory, self.venv, config, port)

@@ -20,7 +20,6 @@ import secrets
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -34,6 +33,7 @@ import aiohttp
 import yaml
 
 from tests.support.tls import TestCertificates
+from tests.support.venvs import PIP_INSTALL_TIMEOUT, ensure_venv, run_checked, venv_python
 
 SYNAPSE_VERSION = "1.163.2"
 """The Synapse release the tests run against."""
@@ -44,53 +44,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SYNAPSE_VENV = REPO_ROOT / ".cache" / "synapse-venv"
 """Where the Synapse virtual environment is cached unless ``SYNAPSE_VENV`` says otherwise."""
 
-PIP_INSTALL_TIMEOUT = 1800.0
-"""Seconds that creating the venv and installing Synapse into it may take, at most."""
-
 _MARKER_NAME = ".matrix-synapse-installed"
 
 
 class SynapseError(RuntimeError):
     """Synapse could not be installed, started or talked to."""
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _marker_text() -> str:
-    return (
-        f"matrix-synapse=={SYNAPSE_VERSION}\npython={sys.version_info[0]}.{sys.version_info[1]}\n"
-    )
-
-
-def _run_checked(cmd: list[str], what: str, timeout: float) -> None:
-    try:
-        result = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise SynapseError(f"{what} timed out after {timeout:.0f} s: {cmd}") from exc
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr)[-4000:]
-        raise SynapseError(f"{what} failed (exit {result.returncode}): {cmd}\n{output}")
-
-
-def _venv_is_usable(venv: Path) -> bool:
-    python = _venv_python(venv)
-    if not python.exists():
-        return False
-    try:
-        result = subprocess.run(
-            [str(python), "-c", "import sys; print(sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0 and result.stdout.strip() == str(tuple(sys.version_info[:2]))
 
 
 def ensure_synapse_venv(venv: Path | None = None) -> Path:
@@ -106,40 +64,13 @@ def ensure_synapse_venv(venv: Path | None = None) -> Path:
     """
     if venv is None:
         venv = Path(os.environ.get("SYNAPSE_VENV") or DEFAULT_SYNAPSE_VENV)
-    venv = venv.resolve()
-    marker = venv / _MARKER_NAME
-    expected = _marker_text()
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = venv.parent / f"{venv.name}.lock"
-    with lock_path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if marker.exists() and marker.read_text() == expected and _venv_is_usable(venv):
-                return venv
-            marker.unlink(missing_ok=True)
-            if not _venv_is_usable(venv):
-                _run_checked(
-                    [sys.executable, "-m", "venv", "--clear", str(venv)],
-                    "creating the Synapse venv",
-                    timeout=300,
-                )
-            _run_checked(
-                [
-                    str(_venv_python(venv)),
-                    "-m",
-                    "pip",
-                    "install",
-                    "--disable-pip-version-check",
-                    "--no-input",
-                    f"matrix-synapse=={SYNAPSE_VERSION}",
-                ],
-                f"pip install matrix-synapse=={SYNAPSE_VERSION}",
-                timeout=PIP_INSTALL_TIMEOUT,
-            )
-            marker.write_text(expected)
-            return venv
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return ensure_venv(
+        venv,
+        [f"matrix-synapse=={SYNAPSE_VERSION}"],
+        marker_name=_MARKER_NAME,
+        what="Synapse",
+        error=SynapseError,
+    )
 
 
 _POSTGRES_MARKER_NAME = ".psycopg2-installed"
@@ -160,9 +91,9 @@ def ensure_synapse_postgres_driver(venv: Path) -> None:
         try:
             if marker.exists():
                 return
-            _run_checked(
+            run_checked(
                 [
-                    str(_venv_python(venv)),
+                    str(venv_python(venv)),
                     "-m",
                     "pip",
                     "install",
@@ -171,7 +102,8 @@ def ensure_synapse_postgres_driver(venv: Path) -> None:
                     f"matrix-synapse[postgres]=={SYNAPSE_VERSION}",
                 ],
                 f"pip install matrix-synapse[postgres]=={SYNAPSE_VERSION}",
-                timeout=PIP_INSTALL_TIMEOUT,
+                PIP_INSTALL_TIMEOUT,
+                SynapseError,
             )
             marker.write_text("psycopg2\n")
         finally:
@@ -501,7 +433,7 @@ class SynapseServer:
         self._stdout_file = self.stdout_path.open("wb")
         self._process = subprocess.Popen(
             [
-                str(_venv_python(venv)),
+                str(venv_python(venv)),
                 "-m",
                 "synapse.app.homeserver",
                 "--config-path",
