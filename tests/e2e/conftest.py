@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,14 @@ def identity_port() -> int:
 
 
 @pytest.fixture
+def before_identity_start() -> Callable[[Path], Awaitable[None]] | None:
+    """Called with the identity server's config file (YAML) before the server starts, e.g. to
+    import another server's data into its database as an operator would; None (override in a
+    test module) for nothing."""
+    return None
+
+
+@pytest.fixture
 async def identity_server(
     tmp_path: Path,
     synapse: SynapseServer,
@@ -154,6 +162,7 @@ async def identity_server(
     identity_settings: dict[str, Any],
     appservice_setup: AppserviceSetup,
     identity_port: int,
+    before_identity_start: Callable[[Path], Awaitable[None]] | None,
 ) -> AsyncIterator[RunningIdentityServer]:
     """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
     port = identity_port
@@ -177,6 +186,10 @@ async def identity_server(
             "appservice": appservice_setup.settings(synapse),
         }
         settings = deep_merge(settings, identity_settings)
+        if before_identity_start is not None:
+            config_file = tmp_path / "identity.yaml"
+            config_file.write_text(yaml.safe_dump(settings))
+            await before_identity_start(config_file)
         config = load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
         server = IdentityServer(config)
         await server.start()

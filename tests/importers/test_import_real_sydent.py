@@ -7,7 +7,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,22 +26,10 @@ from tests.support.api_server import Api
 from tests.support.homeserver import FakeHomeserver
 from tests.support.signing_homeserver import SigningHomeserver
 from tests.support.smtp import SmtpSink
+from tests.support.sydent import import_sydent, run_our_cli
 from tests.support.twilio import FakeTwilio
 
-REPO = Path(__file__).resolve().parents[2]
 V2 = "/_matrix/identity/v2"
-
-
-def appservice(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``python -m appservice ARGS`` as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "appservice", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith("APPSERVICE_")},
-    )
 
 
 class Deployment:
@@ -68,16 +55,15 @@ class Deployment:
         self, db: Path, conf: Path | None, *flags: str
     ) -> subprocess.CompletedProcess[str]:
         """``import sydent`` of these files into our database."""
-        conf_args = ["--sydent-config", conf] if conf is not None else []
-        return appservice("import", "sydent", "-c", self.config, "--db", db, *conf_args, *flags)
+        return import_sydent(self.config, db, conf, *flags)
 
     def pending_invites(self) -> list[dict[str, Any]]:
         """``invites list --pending``, each in full (``invites show``: the token is there)."""
-        listed = appservice("invites", "list", "--pending", "--json", "-c", self.config)
+        listed = run_our_cli("invites", "list", "--pending", "--json", "-c", self.config)
         assert listed.returncode == 0, listed.stderr
         shown = []
         for row in json.loads(listed.stdout):
-            one = appservice("invites", "show", row["id"], "--json", "-c", self.config)
+            one = run_our_cli("invites", "show", row["id"], "--json", "-c", self.config)
             assert one.returncode == 0, one.stderr
             shown.append(json.loads(one.stdout))
         return shown

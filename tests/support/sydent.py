@@ -21,6 +21,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -324,6 +325,26 @@ class SydentProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def run_our_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``python -m appservice ARGS`` (ours), as an operator runs it, e.g. ``import sydent``."""
+    return subprocess.run(
+        [sys.executable, "-m", "appservice", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("APPSERVICE_")},
+    )
+
+
+def import_sydent(
+    config: Path, db: Path, sydent_config: Path | None, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m appservice import sydent -c CONFIG --db DB [--sydent-config CONF] FLAGS``."""
+    conf_args = ["--sydent-config", sydent_config] if sydent_config is not None else []
+    return run_our_cli("import", "sydent", "-c", config, "--db", db, *conf_args, *flags)
 
 
 async def sydent_request(
