@@ -343,7 +343,9 @@ def import_sydent(
     config: Path, db: Path, sydent_config: Path | None, *flags: str
 ) -> subprocess.CompletedProcess[str]:
     """``python -m appservice import sydent -c CONFIG --db DB [--sydent-config CONF] FLAGS``."""
-    conf_args = ["--sydent-config", sydent_config] if sydent_config is not None else []
+    conf_args: list[str | Path] = (
+        ["--sydent-config", sydent_config] if sydent_config is not None else []
+    )
     return run_our_cli("import", "sydent", "-c", config, "--db", db, *conf_args, *flags)
 
 
