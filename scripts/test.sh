@@ -2,7 +2,8 @@
 # Run the whole test suite: venv with test extras, PostgreSQL on 127.0.0.1:5432 (started or
 # installed if needed), Chromium for the page tests and slapd for the LDAP store tests (Debian
 # packages), lint, type check, then pytest on SQLite and PostgreSQL, plus the end-to-end tests
-# against a real Synapse (installed once into .cache/synapse-venv). tests/service need
+# against a real Synapse (installed once into .cache/synapse-venv) and the import tests against a
+# real sydent (.cache/sydent-venv). tests/service need
 # systemd-analyze, debootstrap, podman (with runc) and promtool (Debian's prometheus package).
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/api -k lookup
 set -euo pipefail
