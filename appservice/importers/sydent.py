@@ -17,9 +17,10 @@ them: ``PRAGMA user_version`` 0 to 5 of sydent's own migrations. Version by vers
   v5 (an index) change nothing read here.
 
 ``received_ts`` and ``persistence_ts`` are in seconds (``ts``, ``notBefore``, ``notAfter`` in
-ms); a value that is already in ms is taken as it is. Email addresses were not case-folded
-before sydent 2.4, so associations are grouped by lower-cased email address, the newest one
-of a group winning. ``not_before``/``not_after`` spelt with an underscore are read too.
+ms); a value that is already in ms is taken as it is. Older sydent releases stored email
+addresses as given (case-folding, and a script folding stored rows, came later), so
+associations are grouped by lower-cased email address, the newest row of a group winning.
+``not_before``/``not_after`` spelt with an underscore are read too.
 
 The signing key comes from ``sydent.conf``: ``[crypto] ed25519.signingkey =
 "ed25519 <version> <base64 seed>"``, its key id ``ed25519:<version>``.
@@ -126,10 +127,10 @@ def read_sydent(db_path: Path, config_path: Path | None) -> ImportSource:
     """
     key = read_signing_key(config_path) if config_path is not None else None
     now_ms = int(time.time() * 1000)
+    newest = _Newest(db_path, now_ms)
     with _connect(db_path) as conn:
         columns = _check_schema(conn, db_path)
-        query = _NewestAssociations(columns, now_ms)
-        bound, expired, unbound = _fetch(conn, db_path, query.counts())
+        newest.columns = columns
         invites, delivered = _read_invites(conn, db_path, columns[INVITES], key, now_ms)
         ephemeral = _read_ephemeral_keys(conn, db_path)
     notes: list[str] = []
@@ -143,22 +144,13 @@ def read_sydent(db_path: Path, config_path: Path | None) -> ImportSource:
             "sydent's signing key was not imported (no --sydent-config): "
             "this server signs with its own key"
         )
-
-    def bindings() -> Iterator[list[ImportedBinding]]:
-        with _connect(db_path) as conn:
-            try:
-                cursor = conn.execute(query.bound())
-                while rows := cursor.fetchmany(BATCH_SIZE):
-                    yield list(map(ImportedBinding._make, rows))
-            except sqlite3.Error as exc:
-                raise SydentImportError(
-                    f"{db_path}: cannot read sydent's associations: {exc}"
-                ) from exc
-
+    # Every association is read (and grouped) here, before anything is written: a damaged
+    # table fails now.
+    bound, expired, unbound = newest.prepare()
     return ImportSource(
         name="sydent",
         binding_count=bound,
-        bindings=bindings,
+        bindings=newest.batches,
         invites=invites,
         signing_keys=[]
         if key is None
@@ -173,23 +165,32 @@ def read_sydent(db_path: Path, config_path: Path | None) -> ImportSource:
     )
 
 
-def _connect(db_path: Path) -> closing[sqlite3.Connection]:
+def _open(db_path: Path) -> sqlite3.Connection:
     if not db_path.is_file():
         raise SydentImportError(f"{db_path}: no such file")
     try:
-        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
+        return sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         raise SydentImportError(f"{db_path}: cannot open it: {exc}") from exc
-    return closing(conn)
+
+
+def _read_error(db_path: Path, what: str, exc: sqlite3.Error) -> SydentImportError:
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_NOTADB":
+        return SydentImportError(f"{db_path}: not an SQLite database ({exc})")
+    if name == "SQLITE_CORRUPT":
+        return SydentImportError(f"{db_path}: the database is damaged ({exc})")
+    return SydentImportError(f"{db_path}: cannot read {what}: {exc}")
+
+
+def _connect(db_path: Path) -> closing[sqlite3.Connection]:
+    return closing(_open(db_path))
 
 
 def _check_schema(conn: sqlite3.Connection, db_path: Path) -> dict[str, dict[str, str]]:
     """The columns of sydent's tables (lower-cased name -> name as spelt), once the file is
     known to be an intact sydent database."""
     try:
-        (check,) = conn.execute("PRAGMA quick_check(1)").fetchone()
-        if check != "ok":
-            raise SydentImportError(f"{db_path}: the database is damaged ({check})")
         names = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
@@ -203,8 +204,8 @@ def _check_schema(conn: sqlite3.Connection, db_path: Path) -> dict[str, dict[str
             table: {row[1].lower(): row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
             for table in _TABLES
         }
-    except sqlite3.DatabaseError as exc:
-        raise SydentImportError(f"{db_path}: not an SQLite database ({exc})") from exc
+    except sqlite3.Error as exc:
+        raise _read_error(db_path, "its tables", exc) from exc
     for table in (LOCAL, GLOBAL):
         needed = [*_ASSOCIATION_COLUMNS, "notbefore|not_before", "notafter|not_after"]
         for column in needed:
@@ -216,57 +217,86 @@ def _check_schema(conn: sqlite3.Connection, db_path: Path) -> dict[str, dict[str
     return columns
 
 
-class _NewestAssociations:
-    """The SQL that picks, per 3PID, the newest row of both association tables."""
+class _Newest:
+    """Per 3PID, the newest row of both association tables, grouped once by SQLite into a
+    temporary table of a connection that ``batches()`` then reads (and closes).
 
-    def __init__(self, columns: dict[str, dict[str, str]], now_ms: int) -> None:
+    One grouping pass of two million rows costs a few seconds; the temporary table saves a
+    second one (the counts are needed before the first batch).
+    """
+
+    def __init__(self, db_path: Path, now_ms: int) -> None:
+        self.db_path = db_path
+        self.now_ms = int(now_ms)
+        self.columns: dict[str, dict[str, str]] = {}
+        self._prepared: sqlite3.Connection | None = None
+
+    def _grouping(self) -> str:
         selects = []
         for source, table in enumerate((LOCAL, GLOBAL)):
-            spelt = columns[table]
+            spelt = self.columns[table]
             not_before = spelt.get("notbefore") or spelt["not_before"]
             not_after = spelt.get("notafter") or spelt["not_after"]
             selects.append(
-                f"SELECT {source} AS source, id, medium, address, mxid, ts,"
+                f"SELECT {source} AS source, medium, address, mxid, ts,"
                 f' "{not_before}" AS not_before, "{not_after}" AS not_after FROM {table}'
             )
-        # Local first on a tie: an unbind is written there only.
-        self._newest = (
-            "SELECT medium, address, mxid, ts, not_before, not_after FROM ("
-            " SELECT *, row_number() OVER ("
-            "  PARTITION BY medium,"
-            "   CASE WHEN medium = 'email' THEN lower(address) ELSE address END"
-            "  ORDER BY ts DESC, source, id DESC) AS rank"
-            f" FROM ({' UNION ALL '.join(selects)})"
-            ") WHERE rank = 1"
-        )
-        self._now_ms = int(now_ms)
-
-    def counts(self) -> str:
-        """One row: bound, expired, unbound."""
-        now = self._now_ms
+        # SQLite takes the bare columns of an aggregate query from the row holding the max().
+        # On equal ts the local row wins: an unbind is written there only.
         return (
-            "SELECT"
-            f" coalesce(sum(mxid IS NOT NULL AND not_after >= {now}), 0),"
-            f" coalesce(sum(mxid IS NOT NULL AND (not_after IS NULL OR not_after < {now})), 0),"
-            " coalesce(sum(mxid IS NULL), 0)"
-            f" FROM ({self._newest})"
+            "CREATE TEMP TABLE newest AS"
+            " SELECT medium, address, mxid, coalesce(ts, 0) AS ts,"
+            " coalesce(not_before, 0) AS not_before, not_after FROM ("
+            "  SELECT *, max(coalesce(ts, 0) * 2 + (source = 0))"
+            f"  FROM ({' UNION ALL '.join(selects)})"
+            "  GROUP BY medium, CASE WHEN medium = 'email' THEN lower(address) ELSE address END)"
         )
 
-    def bound(self) -> str:
-        """The rows to import, as ``ImportedBinding`` fields."""
-        return (
-            "SELECT medium, address, mxid, coalesce(ts, 0), coalesce(not_before, 0), not_after"
-            f" FROM ({self._newest})"
-            f" WHERE mxid IS NOT NULL AND not_after >= {self._now_ms}"
-        )
+    def _grouped(self) -> sqlite3.Connection:
+        conn = _open(self.db_path)
+        try:
+            conn.execute(self._grouping())
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._failed(exc) from exc
+        return conn
 
+    def _failed(self, exc: sqlite3.Error) -> SydentImportError:
+        return _read_error(self.db_path, "sydent's associations", exc)
 
-def _fetch(conn: sqlite3.Connection, db_path: Path, sql: str) -> tuple[int, int, int]:
-    try:
-        bound, expired, unbound = conn.execute(sql).fetchone()
-    except sqlite3.Error as exc:
-        raise SydentImportError(f"{db_path}: cannot read sydent's associations: {exc}") from exc
-    return int(bound), int(expired), int(unbound)
+    def prepare(self) -> tuple[int, int, int]:
+        """Group the associations; returns how many are bound, expired, unbound."""
+        conn = self._grouped()
+        now = self.now_ms
+        try:
+            counts = conn.execute(
+                "SELECT"
+                f" coalesce(sum(mxid IS NOT NULL AND not_after >= {now}), 0),"
+                f" coalesce(sum(mxid IS NOT NULL AND (not_after IS NULL OR not_after < {now})), 0),"
+                " coalesce(sum(mxid IS NULL), 0)"
+                " FROM temp.newest"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._failed(exc) from exc
+        self._prepared = conn
+        bound, expired, unbound = counts
+        return int(bound), int(expired), int(unbound)
+
+    def batches(self) -> Iterator[list[ImportedBinding]]:
+        """The bound, unexpired associations in batches of ``BATCH_SIZE``."""
+        conn, self._prepared = self._prepared or self._grouped(), None
+        try:
+            cursor = conn.execute(
+                "SELECT medium, address, mxid, ts, not_before, not_after FROM temp.newest"
+                f" WHERE mxid IS NOT NULL AND not_after >= {self.now_ms}"
+            )
+            while rows := cursor.fetchmany(BATCH_SIZE):
+                yield list(map(ImportedBinding._make, rows))
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
+        finally:
+            conn.close()
 
 
 def _ms(ts: int | None, default: int) -> int:
@@ -293,7 +323,7 @@ def _read_invites(
             " WHERE sent_ts IS NULL ORDER BY id"
         ).fetchall()
     except sqlite3.Error as exc:
-        raise SydentImportError(f"{db_path}: cannot read sydent's invites: {exc}") from exc
+        raise _read_error(db_path, "sydent's invites", exc) from exc
     invites = [
         ImportedInvite(
             source_id=str(row_id),
@@ -316,7 +346,7 @@ def _read_ephemeral_keys(conn: sqlite3.Connection, db_path: Path) -> list[Import
             f"SELECT public_key, persistence_ts FROM {EPHEMERAL} ORDER BY id"
         ).fetchall()
     except sqlite3.Error as exc:
-        raise SydentImportError(f"{db_path}: cannot read sydent's ephemeral keys: {exc}") from exc
+        raise _read_error(db_path, "sydent's ephemeral keys", exc) from exc
     now_ms = int(time.time() * 1000)
     return [
         ImportedEphemeralKey(public_key=str(public_key).rstrip("="), created_ts=_ms(ts, now_ms))

@@ -288,6 +288,25 @@ def test_corrupt_database(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_damaged_association_table(tmp_path: Path) -> None:
+    db = tmp_path / "sydent.db"
+    conn = sydent_db(db)
+    for i in range(500):
+        remote(conn, f"user{i}@example.org", f"@user{i}:example.org", NOW_MS, i)
+    conn.commit()
+    (root,) = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'global_threepid_associations'"
+    ).fetchone()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    data[(root - 1) * page : root * page] = b"\xa5" * page
+    db.write_bytes(bytes(data))
+    with pytest.raises(ImportFailed, match="the database is damaged") as info:
+        read_sydent(db, None)
+    assert "\n" not in str(info.value)
+
+
 def test_foreign_sqlite_database(tmp_path: Path) -> None:
     db = tmp_path / "other.db"
     conn = sqlite3.connect(db)
