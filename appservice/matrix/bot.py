@@ -129,6 +129,17 @@ def notice_txn_id(action: RoomAction) -> str:
     return f"3pid-{digest[:32]}"
 
 
+async def post_notice(intent: Any, room_id: str, text: str, txn_id: str) -> None:
+    """Send ``text`` as an ``m.notice`` of the intent's user with the plain client-server call.
+    Not mautrix's ``send_notice``: its power-level pre-check reads the room's create event
+    through a call that joins the room first when the state store does not say the user is in
+    it (a kicked bot would come back into a public room). The homeserver checks permissions."""
+    from mautrix.api import Method, Path
+
+    path = Path.v3.rooms[room_id].send["m.room.message"][txn_id]
+    await intent.api.request(Method.PUT, path, {"msgtype": "m.notice", "body": text})
+
+
 async def room_powers(intent: Any, room_id: str) -> RoomPowers:
     """The room's power levels and creators, from the appservice's state store (kept current by
     the transactions of rooms the bot is in, dropped when it leaves), else from the homeserver.
@@ -206,7 +217,6 @@ class RoomBot:
         Nothing here joins a room by itself (mautrix's intent would, before reading or sending
         in a room it is not in), so a room the bot was removed from stays left.
         """
-        from mautrix.errors import IntentError
         from mautrix.types import RoomID
 
         room = RoomID(action.room_id)
@@ -216,14 +226,11 @@ class RoomBot:
             await self._leave_if_alone(intent, room)
         elif action.kind == BOT_REMOVED:
             await self._removed(intent, action)
-        else:
-            try:
-                if action.kind == BOT_EXPIRY_NOTICE:
-                    await self._expiry_notice(intent, action)
-                elif action.kind == BOT_COMMAND:
-                    await self._command(intent, action)
-            except IntentError as e:  # mautrix's check: the bot may not post here
-                log.info("%s in %s: not posted (%s)", action.kind, room, e)
+        elif action.kind == BOT_EXPIRY_NOTICE:
+            if await self._joined(intent, room):
+                await post_notice(intent, room, action.reason, notice_txn_id(action))
+        elif action.kind == BOT_COMMAND:
+            await self._command(intent, action)
 
     async def _command(self, intent: Any, action: RoomAction) -> None:
         """Answer a command: computed once (with what it changes) and stored with the action,
@@ -232,6 +239,8 @@ class RoomBot:
 
         text: str | None = action.reason
         if not text:
+            if not await self._joined(intent, action.room_id):
+                return  # removed meanwhile: no answer, nothing done
             event = await intent.get_event(
                 action.room_id, EventID(action.event_id), ensure_joined=False
             )
@@ -241,7 +250,7 @@ class RoomBot:
                 return
             text = await self._answer_once(intent, action, str(event.sender), command)
         if text is not None:
-            await self._send(intent, action, text)
+            await post_notice(intent, action.room_id, text, notice_txn_id(action))
 
     async def _answer_once(
         self, intent: Any, action: RoomAction, sender: str, command: Command
@@ -272,10 +281,24 @@ class RoomBot:
             return help_text(self._prefix)
         return f"Unknown command {command.argument!r}; try {self._prefix} help."
 
-    async def _send(self, intent: Any, action: RoomAction, text: str) -> None:
-        await intent.send_notice(
-            action.room_id, text, txn_id=notice_txn_id(action), ensure_joined=False
-        )
+    async def _joined(self, intent: Any, room_id: str) -> bool:
+        """Whether the bot is joined to the room, asked of the homeserver; when it is not, what
+        is cached about the room is dropped."""
+        from mautrix.errors import MForbidden, MNotFound
+        from mautrix.types import EventType, Membership
+
+        try:
+            member = await intent.get_state_event(
+                room_id, EventType.ROOM_MEMBER, state_key=intent.mxid, ensure_joined=False
+            )
+        except (MForbidden, MNotFound):
+            member = None
+        if getattr(member, "membership", None) == Membership.JOIN:
+            return True
+        log.info("the bot is not in %s (any more)", room_id)
+        if isinstance(intent.state_store, RoomStateStore):
+            await intent.state_store.forget_room(room_id)
+        return False
 
     async def _leave_if_alone(self, intent: Any, room_id: str) -> None:
         # Asked of the homeserver, not the state store: the store knows only the members whose
@@ -313,14 +336,3 @@ class RoomBot:
         log.info(
             "removed from %s: forgotten, %d open action(s) cancelled", action.room_id, cancelled
         )
-
-    async def _expiry_notice(self, intent: Any, action: RoomAction) -> None:
-        """Post the stored expiry notice if the bot is in the room."""
-        from mautrix.types import EventType, Membership
-
-        member = await intent.get_state_event(
-            action.room_id, EventType.ROOM_MEMBER, state_key=intent.mxid, ensure_joined=False
-        )
-        if getattr(member, "membership", None) != Membership.JOIN:
-            return
-        await self._send(intent, action, action.reason)

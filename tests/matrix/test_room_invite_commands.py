@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
+from mautrix.api import Method
 from mautrix.errors import MatrixConnectionError, MNotFound
 from mautrix.types import (
     EventType,
@@ -148,12 +150,25 @@ class FakeIntent:
         sender, body = self.messages[event_id]
         return SimpleNamespace(sender=sender, content=SimpleNamespace(body=body))
 
-    async def send_notice(self, room_id: str, text: str, **kw: Any) -> None:
-        assert kw.get("ensure_joined") is False
-        self.txn_ids.append(kw["txn_id"])
+    @property
+    def api(self) -> FakeIntent:
+        return self
+
+    async def request(self, method: Method, path: Any, content: dict[str, Any]) -> Any:
+        """The plain client-server call the bot sends its notices with."""
+        *_, room_id, send, event_type, txn_id = str(path).split("/")
+        assert (method, unquote(room_id), send, event_type) == (
+            Method.PUT,
+            ROOM,
+            "send",
+            "m.room.message",
+        )
+        assert content["msgtype"] == "m.notice"
+        self.txn_ids.append(txn_id)
         if self.send_errors:
             raise self.send_errors.pop(0)
-        self.notices.append(text)
+        self.notices.append(content["body"])
+        return {"event_id": f"$notice{len(self.notices)}"}
 
     async def get_joined_members(self, room_id: str, **kw: Any) -> dict[str, Any]:
         assert kw.get("ensure_joined") is False
@@ -289,6 +304,19 @@ async def test_a_retried_transaction_answers_a_command_once(
     assert await homeserver_side.transaction("c1", [command]) == (200, {})
     [action] = await quiet.server.appservice_store.actions()
     assert (action.kind, action.event_id) == (BOT_COMMAND, command["event_id"])
+
+
+async def test_a_command_left_for_a_room_the_bot_was_removed_from_does_nothing(
+    quiet: Api,
+) -> None:
+    pending = await invite(quiet, "carol@example.com")
+    intent = FakeIntent()
+    intent.state_store.membership = Membership.LEAVE
+    intent.messages = {"$w": (ALICE, f"!3pid withdraw {short_id(pending)}")}
+    await room_bot(quiet).perform(intent, await record(quiet, BOT_COMMAND, "$w"))
+    assert intent.notices == []
+    stored = await InviteStore(quiet.server.db).by_id(pending.id)
+    assert stored is not None and stored.state == PENDING
 
 
 # Leaving and being removed.
