@@ -23,8 +23,12 @@ async def test_migrations_apply_once_then_are_a_no_op(database_url: str) -> None
         assert applied == [m.version for m in load_migrations(db.dialect)]
         assert await db.migrate() == []
         assert await db.schema_version() == applied[-1]
-        for table in ("accounts", "terms_acceptances", "bindings", "server_state", "signing_keys"):
+        tables = ("accounts", "terms_acceptances", "bindings", "server_state", "signing_keys")
+        for table in (*tables, "imported_ephemeral_keys", "import_runs"):
             assert await db.db.table_exists(table), table
+        # 0017: where a row was imported from (NULL: made here).
+        for table in ("bindings", "invites"):
+            assert await db.fetch(f"SELECT imported_from FROM {table}") == []
     finally:
         await db.stop()
 

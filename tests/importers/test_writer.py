@@ -4,11 +4,16 @@ real API, pending invites kept with their tokens, the other server's keys served
 from __future__ import annotations
 
 import contextlib
+import json
+import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import nacl.signing
 import pytest
+import signedjson.key
+import signedjson.sign
 from aiohttp.test_utils import TestClient, TestServer
 from unpaddedbase64 import encode_base64
 
@@ -17,17 +22,27 @@ from appservice.clock import FakeClock
 from appservice.config import Config
 from appservice.crypto.hashing import lookup_hash
 from appservice.db.database import AppDatabase
+from appservice.db.invites import PENDING, InviteStore
+from appservice.db.lookup_peppers import PepperState
 from appservice.importers.model import (
     ImportedBinding,
     ImportedEphemeralKey,
     ImportedInvite,
     ImportedSigningKey,
+    ImportFailed,
     ImportSource,
 )
 from appservice.importers.writer import (
     BINDINGS,
+    EPHEMERAL_KEYS,
+    INVITES,
+    SIGNING_KEYS,
+    ImportRefused,
     ImportReport,
+    _signing_key,
+    invite_id,
     run_import,
+    slot_peppers,
 )
 from tests.support.api_server import Api, make_config
 from tests.support.homeserver import FakeHomeserver
@@ -39,11 +54,20 @@ FOREVER = 2**62
 T0 = 1_600_000_000_000  # when the other server stored its rows (ms)
 
 
+CURRENT_KEY = ImportedSigningKey("ed25519:0", SEED, True)
+
+
 def public_of(seed: bytes) -> str:
     return encode_base64(bytes(nacl.signing.SigningKey(seed).verify_key))
 
 
 EPHEMERAL_PUBLIC = public_of(bytes(range(3, 35)))
+
+
+def isvalid(public_key: str, ephemeral: bool = False) -> str:
+    """The pubkey/isvalid (or pubkey/ephemeral/isvalid) URL for ``public_key``."""
+    path = "ephemeral/isvalid" if ephemeral else "isvalid"
+    return f"/_matrix/identity/v2/pubkey/{path}?public_key={quote(public_key)}"
 
 
 def binding(address: str, mxid: str, ts: int = T0, medium: str = "email") -> ImportedBinding:
@@ -123,9 +147,10 @@ async def do_import(config: Config, src: ImportSource, **options: object) -> Imp
 async def serving(
     config: Config, homeserver: FakeHomeserver, clock: FakeClock | None = None
 ) -> AsyncIterator[Api]:
-    """The server started on the imported database (after the import, as an operator would)."""
+    """The server on the imported database (after the import, as an operator would), without
+    its background jobs: the tests run what they need of them."""
     server = IdentityServer(config, clock=clock or FakeClock(T0 / 1000 + 3600))
-    await server.start()
+    await server.open()
     client = TestClient(TestServer(server.public_app()))
     await client.start_server()
     try:
@@ -203,3 +228,305 @@ async def test_newest_association_of_an_address_wins(config: Config) -> None:
     assert counts(report, BINDINGS) == (1, 0, 1, 0)
     report = await do_import(config, source([binding("a@example.com", "@x:hs.test", T0)]))
     assert counts(report, BINDINGS) == (1, 0, 0, 1)
+
+
+async def test_pending_invites_are_kept_with_the_source_tokens_and_times(config: Config) -> None:
+    invites = [
+        pending_invite(1, "Invitee@Example.com"),
+        pending_invite(2, "other@example.com", display_name="o…@e…", details={"room_name": "R"}),
+        pending_invite(3, "bad@example.com", room_id="not a room"),
+        pending_invite(4, "dup@example.com", token="sydentToken1"),
+        pending_invite(5, "x@example.com", medium="msisdn"),
+    ]
+    report = await do_import(config, source(invites=invites))
+    assert counts(report, INVITES) == (5, 2, 0, 0)
+    assert report.tables[INVITES].skipped == {
+        "not a room ID": 1,
+        "token given twice": 1,
+        "medium msisdn not supported": 1,
+    }
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        listed = {i.token: i for i in await InviteStore(db).list(PENDING, 10)}
+        sources = await db.fetch("SELECT DISTINCT imported_from FROM invites")
+    finally:
+        await db.stop()
+    assert set(listed) == {"sydentToken1", "sydentToken2"}
+    first = listed["sydentToken1"]
+    assert first.id == invite_id("sydent", "1")
+    assert (first.address, first.room_id, first.created_ts) == (
+        "invitee@example.com",
+        "!room1:hs.test",
+        T0 + 1,
+    )
+    assert first.display_name == "i…@e…"  # redacted as our store-invite does
+    assert first.signing_key_id == "ed25519:0"
+    assert listed["sydentToken2"].details == {"room_name": "R"}
+    assert [tuple(r) for r in sources] == [("sydent",)]
+
+
+async def test_the_source_key_is_served_and_valid_and_a_revoked_one_invalid(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    keys = [
+        ImportedSigningKey("ed25519:0", SEED, True),
+        ImportedSigningKey("ed25519:old", OLD_SEED, False, valid=False),
+    ]
+    report = await do_import(config, source(keys=keys))
+    assert counts(report, SIGNING_KEYS) == (2, 2, 0, 0)
+    mode = stat.S_IMODE(key_path(config).stat().st_mode)
+    assert mode == 0o600
+    async with serving(config, homeserver) as api:
+        status, body = await api.request("GET", "/_matrix/identity/v2/pubkey/ed25519:0")
+        assert (status, body) == (200, {"public_key": public_of(SEED)})
+        for seed, valid in ((SEED, True), (OLD_SEED, False)):
+            assert await api.request("GET", isvalid(public_of(seed))) == (200, {"valid": valid})
+        assert api.server.keyring.current.key_id == "ed25519:0"
+
+
+async def test_an_imported_ephemeral_key_is_valid_until_its_invites_are_resolved_and_purged(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    await do_import(
+        config,
+        source(
+            invites=[pending_invite(1, "invitee@example.com")],
+            ephemeral=[ImportedEphemeralKey(EPHEMERAL_PUBLIC, T0)],
+        ),
+    )
+    url = isvalid(EPHEMERAL_PUBLIC, ephemeral=True)
+    async with serving(config, homeserver) as api:
+        assert await api.request("GET", url) == (200, {"valid": True})
+        assert await api.server.invites.expire(invite_id("sydent", "1"))
+        assert await api.request("GET", url) == (200, {"valid": False})
+        store = InviteStore(api.server.db)
+        assert await store.purge_imported_keys() == 1
+        assert await api.server.db.fetchval("SELECT COUNT(*) FROM imported_ephemeral_keys") == 0
+
+
+async def test_purge_keeps_imported_keys_while_a_pending_invite_remains(config: Config) -> None:
+    await do_import(
+        config,
+        source(
+            invites=[pending_invite(1, "invitee@example.com")],
+            ephemeral=[ImportedEphemeralKey(EPHEMERAL_PUBLIC, T0)],
+        ),
+    )
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        assert await InviteStore(db).purge_imported_keys() == 0
+        assert await InviteStore(db).has_imported_key(EPHEMERAL_PUBLIC)
+    finally:
+        await db.stop()
+
+
+async def _onbind(api: Api) -> dict[str, object]:
+    rows = await api.server.db.fetch("SELECT body FROM onbind_outbox")
+    assert len(rows) == 1
+    return json.loads(rows[0]["body"])  # type: ignore[no-any-return]
+
+
+async def test_an_imported_invite_completes_with_an_onbind_signed_by_the_imported_key(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    await do_import(config, source(invites=[pending_invite(1, "invitee@example.com")]))
+    async with serving(config, homeserver) as api:
+        await api.add_binding("email", "invitee@example.com", "@invitee:hs.test")
+        assert await api.server.invites.resolve_bound() == 1
+        body = await _onbind(api)
+    verify_key = nacl.signing.SigningKey(SEED).verify_key
+    verify_key.alg, verify_key.version = "ed25519", "0"  # type: ignore[attr-defined]
+    invite = body["invites"][0]  # type: ignore[index]
+    assert invite["signed"]["token"] == "sydentToken1"
+    assert invite["room_id"] == "!room1:hs.test"
+    signedjson.sign.verify_signed_json(invite["signed"], "id.test", verify_key)
+    signedjson.sign.verify_signed_json(body, "id.test", verify_key)
+
+
+async def test_an_imported_ephemeral_private_key_signs_the_onbind(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    private = encode_base64(EPHEMERAL_SEED)
+    invite = pending_invite(1, "invitee@example.com", ephemeral_private_key=private)
+    await do_import(config, source(invites=[invite]))
+    async with serving(config, homeserver) as api:
+        url = isvalid(public_of(EPHEMERAL_SEED), ephemeral=True)
+        assert await api.request("GET", url) == (200, {"valid": True})
+        await api.add_binding("email", "invitee@example.com", "@invitee:hs.test")
+        assert await api.server.invites.resolve_bound() == 1
+        body = await _onbind(api)
+    ephemeral = nacl.signing.SigningKey(EPHEMERAL_SEED).verify_key
+    ephemeral.alg, ephemeral.version = "ed25519", "0"  # type: ignore[attr-defined]
+    signedjson.sign.verify_signed_json(body["invites"][0]["signed"], "id.test", ephemeral)  # type: ignore[index]
+
+
+def _full_source() -> ImportSource:
+    return source(
+        [binding("a@example.com", "@a:hs.test"), binding("b@example.com", "@b:hs.test")],
+        [pending_invite(1, "c@example.com")],
+        [ImportedSigningKey("ed25519:0", SEED, True)],
+        [ImportedEphemeralKey(EPHEMERAL_PUBLIC, T0)],
+    )
+
+
+async def _table_counts(config: Config) -> dict[str, int]:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        tables = ("bindings", "invites", "signing_keys", "imported_ephemeral_keys", "import_runs")
+        return {t: int(await db.fetchval(f"SELECT COUNT(*) FROM {t}")) for t in tables}
+    finally:
+        await db.stop()
+
+
+async def test_a_second_run_changes_nothing(config: Config) -> None:
+    first = await do_import(config, _full_source())
+    assert first.changed
+    key_file = key_path(config).read_bytes()
+    before = await _table_counts(config)
+    second = await do_import(config, _full_source())
+    assert not second.changed
+    for table in (BINDINGS, INVITES, SIGNING_KEYS, EPHEMERAL_KEYS):
+        assert "nothing to change" in second.tables[table].line(table, False)
+    assert "nothing to change" in second.lines()[-1]
+    assert counts(second, BINDINGS) == (2, 0, 0, 2)
+    assert key_path(config).read_bytes() == key_file
+    assert await _table_counts(config) == before  # no second import_runs row either
+    assert before["import_runs"] == 1
+
+
+async def test_a_dry_run_writes_nothing(config: Config) -> None:
+    empty = await _table_counts(config)
+    report = await do_import(config, _full_source(), dry_run=True)
+    assert counts(report, BINDINGS) == (2, 2, 0, 0)
+    assert counts(report, INVITES) == (1, 1, 0, 0)
+    assert counts(report, SIGNING_KEYS) == (1, 1, 0, 0)
+    assert "would import 2" in "\n".join(report.lines())
+    assert await _table_counts(config) == empty
+    assert not key_path(config).exists()
+    # The same on top of an import: a dry run of newer data leaves it as it was.
+    await do_import(config, _full_source())
+    after = await _table_counts(config)
+    key_file = key_path(config).read_bytes()
+    newer = source([binding("a@example.com", "@new:hs.test", T0 + 1)])
+    report = await do_import(config, newer, dry_run=True)
+    assert counts(report, BINDINGS) == (1, 0, 1, 0)
+    assert await _table_counts(config) == after
+    assert key_path(config).read_bytes() == key_file
+
+
+async def _bind_here(config: Config, homeserver: FakeHomeserver) -> None:
+    async with serving(config, homeserver) as api:
+        await api.add_binding("email", "here@example.com", "@here:hs.test")
+
+
+async def test_a_database_with_bindings_of_its_own_is_refused_without_merge(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    await _bind_here(config, homeserver)  # also makes our key ed25519:0
+    before = await _table_counts(config)
+    key_file = key_path(config).read_bytes()
+    with pytest.raises(ImportRefused, match="--merge"):
+        await do_import(config, _full_source())
+    assert await _table_counts(config) == before
+    assert key_path(config).read_bytes() == key_file
+
+    report = await do_import(config, _full_source(), merge=True)
+    assert counts(report, BINDINGS) == (2, 2, 0, 0)
+    # Our ed25519:0 stays current; sydent's is kept under another id, and its invite uses it.
+    assert any("imported as ed25519:sydent_0" in note for note in report.notes)
+    async with serving(config, homeserver) as api:
+        assert api.server.keyring.current.key_id == "ed25519:0"
+        assert api.server.keyring.current.public_key != public_of(SEED)
+        status, body = await api.request("GET", "/_matrix/identity/v2/pubkey/ed25519:sydent_0")
+        assert (status, body) == (200, {"public_key": public_of(SEED)})
+        assert await api.request("GET", isvalid(public_of(SEED))) == (200, {"valid": True})
+        invite = await InviteStore(api.server.db).by_id(invite_id("sydent", "1"))
+        assert invite is not None and invite.signing_key_id == "ed25519:sydent_0"
+        found = await hashed_lookup(
+            api, [("email", "a@example.com"), ("email", "here@example.com")]
+        )
+    assert found == {"a@example.com": "@a:hs.test", "here@example.com": "@here:hs.test"}
+    # The merge is idempotent too.
+    again = await do_import(config, _full_source(), merge=True)
+    assert not again.changed
+
+
+async def test_a_binding_made_here_is_no_longer_an_imported_one(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    await do_import(config, source([binding("a@example.com", "@a:hs.test")]))
+    async with serving(config, homeserver) as api:
+        await api.add_binding("email", "a@example.com", "@a:hs.test")
+        value = await api.server.db.fetchval("SELECT imported_from FROM bindings")
+    assert value is None
+    with pytest.raises(ImportRefused):
+        await do_import(config, source([binding("a@example.com", "@a:hs.test")]))
+
+
+async def test_on_a_fresh_server_the_source_key_replaces_our_unused_one(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    async with serving(config, homeserver) as api:  # the first start made our ed25519:0
+        ours = api.server.keyring.current.public_key
+    old_file = key_path(config).read_bytes()
+    report = await do_import(config, _full_source())
+    assert any("replaces this server's unused ed25519:0" in note for note in report.notes)
+    backups = list(key_path(config).parent.glob(f"{key_path(config).name}.before-sydent-import-*"))
+    assert len(backups) == 1
+    assert backups[0].read_bytes() == old_file
+    assert stat.S_IMODE(backups[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_path(config).stat().st_mode) == 0o600
+    async with serving(config, homeserver) as api:  # starts: the file and the table agree
+        assert api.server.keyring.current.public_key == public_of(SEED)
+        served = await api.request("GET", "/_matrix/identity/v2/pubkey/ed25519:0")
+        assert served == (200, {"public_key": public_of(SEED)})
+        assert await api.request("GET", isvalid(ours)) == (200, {"valid": False})
+
+
+async def test_a_failure_in_the_middle_of_the_bindings_leaves_none(config: Config) -> None:
+    def failing() -> Iterator[list[ImportedBinding]]:
+        yield [binding("a@example.com", "@a:hs.test")]
+        raise ImportFailed("sydent: the database is corrupt at row 2")
+
+    src = source()
+    src.bindings = failing
+    with pytest.raises(ImportFailed, match="corrupt"):
+        await do_import(config, src)
+    counted = await _table_counts(config)
+    assert (counted["bindings"], counted["invites"]) == (0, 0)
+
+
+async def test_an_import_is_refused_while_a_server_holds_a_lease(config: Config) -> None:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        await db.execute("INSERT INTO store_sync (store, claimed_until) VALUES ('ldap', $1)", 2**62)
+    finally:
+        await db.stop()
+    with pytest.raises(ImportRefused, match="stop every instance"):
+        await do_import(config, _full_source())
+    assert (await _table_counts(config))["bindings"] == 0
+
+
+def test_slot_peppers_are_those_pepper_state_hashes_with() -> None:
+    for generation, previous, following in ((0, None, None), (1, "p0", None), (3, "p2", "p4")):
+        state = PepperState(generation, "pc", 0, previous, 0, following, 0, None, 0)
+        (p0, p1), covered = slot_peppers(state)
+        hashes = state.hashes("email", "a@example.com")
+        expected = tuple(
+            lookup_hash("a@example.com", "email", p) if p is not None else None for p in (p0, p1)
+        )
+        assert hashes.slots == expected
+        assert hashes.generation == covered
+
+
+def test_an_unknown_source_name_or_key_id_is_refused() -> None:
+    with pytest.raises(ImportFailed, match="not ed25519"):
+        _signing_key("ed25519:bad id", SEED)
+    with pytest.raises(ImportFailed, match="32-byte"):
+        _signing_key("ed25519:0", b"short")
