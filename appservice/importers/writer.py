@@ -141,6 +141,7 @@ class ImportReport:
         out += [
             f"  not imported from {self.source}: {n} {what}"
             for what, n in sorted(self.source_skipped.items())
+            if n
         ]
         out += [f"  note: {note}" for note in self.notes]
         if self.dry_run:
