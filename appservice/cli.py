@@ -667,7 +667,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
             db,
             Path(config.keys.signing_key_path),
             source,
-            redaction=config.invites.redaction,
+            invites=config.invites,
             merge=args.merge,
             dry_run=args.dry_run,
             progress=lambda line: print(line, file=sys.stderr, flush=True),

@@ -6,9 +6,10 @@ Order: signing keys first (imported invites name them), then bindings, then pend
 the ephemeral keys. ``dry_run`` does the same work and rolls every transaction back, leaving the
 key file alone.
 
-Bindings stream through a staging table (``COPY`` on PostgreSQL, ``executemany`` on SQLite)
-and reach ``bindings`` in one ``INSERT … SELECT … ON CONFLICT`` that keeps the newest
-association of each address.
+Bindings stream through a staging table (``COPY`` on PostgreSQL, ``executemany`` on SQLite);
+one statement then plans them (the newest association of each address, and whether it is new,
+newer than ours or unchanged), and an ``INSERT … SELECT`` and an ``UPDATE … FROM`` write what
+changes. A large write drops the table's secondary indexes and builds them again after.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import signedjson.key
 from unpaddedbase64 import encode_base64
 
 from appservice.clock import Clock
-from appservice.config.model import RedactionConfig
+from appservice.config.model import InvitesConfig
 from appservice.crypto.hashing import lookup_hash
 from appservice.crypto.signing import KeyFileError, PublicKey
 from appservice.db.database import AppDatabase
@@ -57,7 +58,7 @@ EPHEMERAL_KEYS = "ephemeral keys"
 # A progress line every this many binding rows.
 PROGRESS_EVERY = 100_000
 _SOURCE_NAME = re.compile(r"[a-z0-9_]{1,32}")
-_KEY_ID = re.compile(r"ed25519:[A-Za-z0-9_]{1,64}")
+_KEY_ID = re.compile(r"ed25519:[A-Za-z0-9_-]{1,64}")  # ma1sd serials hold "-"
 _STAGING = "import_bindings_staging"
 _STAGING_COLUMNS = ("medium", "address", "mxid", "created_ts", "not_before", "not_after")
 # On PostgreSQL the lookup hashes are staged too (see _hash_sql).
@@ -184,13 +185,17 @@ async def run_import(
     key_path: Path,
     source: ImportSource,
     *,
-    redaction: RedactionConfig | None = None,
+    invites: InvitesConfig | None = None,
     merge: bool = False,
     dry_run: bool = False,
     clock: Clock | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ImportReport:
     """Import ``source`` into ``db`` (started and migrated) and the key file at ``key_path``.
+
+    ``invites``: the server's invite settings (display names are redacted as store-invite
+    does; the report counts invites past their expiry). ``progress`` gets a line every
+    :data:`PROGRESS_EVERY` bindings.
 
     Raises :class:`ImportRefused` (nothing written) when an instance looks alive, or when the
     database has bindings or invites not imported from this source and ``merge`` is False;
@@ -207,7 +212,9 @@ async def run_import(
     fresh = await _refuse_foreign_rows(db, source.name, merge)
     key_map = await _import_signing_keys(db, key_path, source, fresh, dry_run, clock, report)
     await _import_bindings(db, source, dry_run, clock, report, progress)
-    await _import_invites(db, source, key_map, redaction or RedactionConfig(), dry_run, report)
+    await _import_invites(
+        db, source, key_map, invites or InvitesConfig(), dry_run, clock.now_ms(), report
+    )
     report.seconds = clock.time() - started
     if report.changed and not dry_run:
         await db.execute(
@@ -258,7 +265,9 @@ async def _refuse_foreign_rows(db: AppDatabase, source: str, merge: bool) -> boo
 def _signing_key(key_id: str, seed: bytes) -> Any:
     """A signedjson signing key (what the key file holds) from an id and a 32-byte seed."""
     if not _KEY_ID.fullmatch(key_id):
-        raise ImportFailed(f"import: signing key id {key_id!r} is not ed25519:<letters, digits, _>")
+        raise ImportFailed(
+            f"import: signing key id {key_id!r} is not ed25519:<letters, digits, _ or ->"
+        )
     if len(seed) != 32:
         raise ImportFailed(f"import: signing key {key_id} is not a 32-byte ed25519 seed")
     return signedjson.key.decode_signing_key_base64(
@@ -388,6 +397,20 @@ def _plan_keys(
         key_map[source_key.key_id] = target
         if source_key.current and source_key.valid and fresh:
             new_current = target
+    if new_current is None and not existing:
+        # No key file of ours, and the source marks no valid key current: the first valid one
+        # becomes current, else a new key (a revoked key must not sign).
+        new_current = next((key_map[k.key_id] for k in source.signing_keys if k.valid), None)
+        if new_current is None:
+            taken = _ids(in_file) | set(stored_by_id)
+            numbers = [int(v) for v in (i.partition(":")[2] for i in taken) if v.isdigit()]
+            fresh_key = signedjson.key.generate_signing_key(str(max(numbers, default=-1) + 1))
+            new_current = _key_id(fresh_key)
+            in_file.append(fresh_key)
+            plan.inserts.append((new_current, _public(fresh_key), True))
+            report.notes.append(
+                f"{source.name} has no valid signing key: a new key {new_current} signs here"
+            )
     if new_current is not None:
         first = [k for k in in_file if _key_id(k) == new_current]
         in_file = first + [k for k in in_file if _key_id(k) != new_current]
@@ -763,11 +786,14 @@ async def _import_invites(
     db: AppDatabase,
     source: ImportSource,
     key_map: dict[str, str],
-    redaction: RedactionConfig,
+    config: InvitesConfig,
     dry_run: bool,
+    now_ms: int,
     report: ImportReport,
 ) -> None:
     """Pending invites and the ephemeral keys, in one transaction."""
+    redaction = config.redaction
+    expired = 0
     table = report.table(INVITES)
     keys_table = report.table(EPHEMERAL_KEYS)
     current_source_key = next((k.key_id for k in source.signing_keys if k.current), None)
@@ -819,6 +845,9 @@ async def _import_invites(
                 )
                 if inserted is not None:
                     table.imported += 1
+                    age_ms = now_ms - int(invite.created_ts)
+                    if config.expiration.enabled and age_ms > config.expiration.after * 1000:
+                        expired += 1
                     if await db.fetchval(
                         "SELECT 1 FROM bindings WHERE medium = $1 AND address = $2",
                         invite.medium,
@@ -850,6 +879,11 @@ async def _import_invites(
                 raise _Rollback
     except _Rollback:
         pass
+    if expired:
+        report.notes.append(
+            f"{expired} imported invites are older than invites.expiration.after"
+            f" ({config.expiration.after:g} s): the server withdraws them when it starts"
+        )
     if bound:
         report.notes.append(
             f"{bound} imported invites are for addresses bound already: the server delivers "

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from unpaddedbase64 import encode_base64
 
 from appservice.app import IdentityServer
-from appservice.clock import FakeClock
+from appservice.clock import Clock, FakeClock
 from appservice.config import Config
 from appservice.crypto.hashing import lookup_hash
 from appservice.db.database import AppDatabase
@@ -137,7 +137,7 @@ async def do_import(config: Config, src: ImportSource, **options: object) -> Imp
             db,
             key_path(config),
             src,
-            redaction=config.invites.redaction,
+            invites=config.invites,
             **options,  # type: ignore[arg-type]
         )
     finally:
@@ -537,3 +537,34 @@ def test_an_unknown_source_name_or_key_id_is_refused() -> None:
         _signing_key("ed25519:bad id", SEED)
     with pytest.raises(ImportFailed, match="32-byte"):
         _signing_key("ed25519:0", b"short")
+
+
+async def test_a_source_without_a_valid_key_gets_a_new_current_key(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    revoked = ImportedSigningKey("ed25519:0", SEED, True, valid=False)
+    report = await do_import(config, source(keys=[revoked]))
+    assert any("a new key ed25519:1 signs here" in note for note in report.notes)
+    async with serving(config, homeserver) as api:
+        assert api.server.keyring.current.key_id == "ed25519:1"
+        assert await api.request("GET", isvalid(public_of(SEED))) == (200, {"valid": False})
+        current = api.server.keyring.current.public_key
+        assert await api.request("GET", isvalid(current)) == (200, {"valid": True})
+
+
+async def test_key_ids_keep_the_serials_ma1sd_gives_them(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    key = ImportedSigningKey("ed25519:AAGZ-x_3", SEED, True)
+    await do_import(config, source(keys=[key], name="ma1sd"))
+    async with serving(config, homeserver) as api:
+        served = await api.request("GET", "/_matrix/identity/v2/pubkey/ed25519:AAGZ-x_3")
+    assert served == (200, {"public_key": public_of(SEED)})
+
+
+async def test_the_report_counts_invites_past_their_expiry(config: Config) -> None:
+    old = pending_invite(1, "a@example.com")  # T0: years ago
+    new = pending_invite(2, "b@example.com", created_ts=Clock().now_ms())
+    report = await do_import(config, source(invites=[old, new]))
+    assert counts(report, INVITES) == (2, 2, 0, 0)
+    assert any(note.startswith("1 imported invites are older than") for note in report.notes)
