@@ -149,6 +149,7 @@ class ImportReport:
             out.append("  dry run: nothing was written")
         elif not self.changed:
             out.append("  nothing to change: the database already holds this import")
+        out.append(f"  took {self.seconds:.1f} s")
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -428,6 +429,7 @@ async def _import_signing_keys(
     report: ImportReport,
 ) -> dict[str, str]:
     """Put the source's keys into the key file and ``signing_keys``; returns the id map."""
+    report.table(SIGNING_KEYS)  # listed first, also when the source has none
     store = SigningKeyStore(db)
     existing = _read_key_file(key_path)
     stored = await store.all()

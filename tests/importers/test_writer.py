@@ -398,7 +398,7 @@ async def test_a_second_run_changes_nothing(config: Config) -> None:
     assert not second.changed
     for table in (BINDINGS, INVITES, SIGNING_KEYS, EPHEMERAL_KEYS):
         assert "nothing to change" in second.tables[table].line(table, False)
-    assert "nothing to change" in second.lines()[-1]
+    assert "nothing to change" in second.lines()[-2]
     assert counts(second, BINDINGS) == (2, 0, 0, 2)
     assert key_path(config).read_bytes() == key_file
     assert await _table_counts(config) == before  # no second import_runs row either
