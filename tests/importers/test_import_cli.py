@@ -5,6 +5,7 @@ from the facts of sydent's schema (the real sydent is in test_import_real_sydent
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -104,6 +105,12 @@ async def test_import_sydent_prints_what_it_did_then_nothing_to_change(
     assert "bindings: 3 of 3 read (" in err  # progress, on stderr
     assert await _count(database_url, "bindings") == 3
     assert await _count(database_url, "invites") == 1
+    # The imported invite is one of ours: listed, from sydent's time.
+    assert await _cli("invites", "list", "-c", str(config), "--pending", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(i["id"], i["created"], i["invitee"]) for i in listed] == [
+        (writer.invite_id("sydent", "1"), "2020-09-13T12:26:40Z", "d…@e…")
+    ]
 
     assert await _cli(*args) == 0
     out, _ = capsys.readouterr()
