@@ -799,7 +799,7 @@ async def _import_invites(
 ) -> None:
     """Pending invites and the ephemeral keys, in one transaction."""
     redaction = config.redaction
-    expired = 0
+    expired = keyless = 0
     table = report.table(INVITES)
     keys_table = report.table(EPHEMERAL_KEYS)
     current_source_key = next((k.key_id for k in source.signing_keys if k.current), None)
@@ -823,7 +823,9 @@ async def _import_invites(
                 seen_tokens.add(invite.token)
                 our_id = invite_id(source.name, invite.source_id)
                 source_key = invite.signing_key_id or current_source_key
-                signing_key_id = key_map.get(source_key, source_key) if source_key else None
+                # A key of the source that was not imported is not ours, whatever its id: the
+                # onbind is then signed with our current key.
+                signing_key_id = key_map.get(source_key) if source_key else None
                 details = {k: v for k, v in invite.details.items() if k in DETAIL_FIELDS and v}
                 display_name = invite.display_name or redact_address(
                     address, redaction.local_chars, redaction.domain_chars
@@ -851,6 +853,8 @@ async def _import_invites(
                 )
                 if inserted is not None:
                     table.imported += 1
+                    if signing_key_id is None and pair[1] is None:
+                        keyless += 1
                     age_ms = now_ms - int(invite.created_ts)
                     if config.expiration.enabled and age_ms > config.expiration.after * 1000:
                         expired += 1
@@ -885,6 +889,12 @@ async def _import_invites(
                 raise _Rollback
     except _Rollback:
         pass
+    if keyless:
+        report.notes.append(
+            f"{keyless} imported invites have neither {source.name}'s signing key nor an "
+            "ephemeral private key: their onbind is signed with this server's key, which their "
+            "room does not list, so the invitee's homeserver will refuse it"
+        )
     if expired:
         report.notes.append(
             f"{expired} imported invites are older than invites.expiration.after"

@@ -568,3 +568,18 @@ async def test_the_report_counts_invites_past_their_expiry(config: Config) -> No
     report = await do_import(config, source(invites=[old, new]))
     assert counts(report, INVITES) == (2, 2, 0, 0)
     assert any(note.startswith("1 imported invites are older than") for note in report.notes)
+
+
+async def test_an_invite_under_a_key_that_was_not_imported_is_signed_with_ours(
+    config: Config,
+) -> None:
+    invite = pending_invite(1, "a@example.com", signing_key_id="ed25519:0")
+    report = await do_import(config, source(invites=[invite], keys=[]))
+    assert any("signed with this server's key" in note for note in report.notes)
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        stored = await InviteStore(db).by_id(invite_id("sydent", "1"))
+    finally:
+        await db.stop()
+    assert stored is not None and stored.signing_key_id is None
