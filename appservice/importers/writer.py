@@ -555,15 +555,22 @@ def _sqlite_lookup_hash(address: str, medium: str, pepper: str | None) -> str | 
     return None if pepper is None else lookup_hash(address, medium, pepper)
 
 
-# Each address once, its newest association, and what the import does with it: 0 insert,
-# 1 update (ours is older), 2 nothing (ours is as new or newer).
+def _newest_sql(columns: tuple[str, ...]) -> str:
+    """Each staged address once: its newest association."""
+    return (
+        f"SELECT {', '.join(columns)} FROM (SELECT r.*, ROW_NUMBER() OVER ("
+        "PARTITION BY medium, address ORDER BY created_ts DESC, mxid DESC) AS n"
+        f" FROM {_STAGING} r) ranked WHERE n = 1"
+    )
+
+
 def _plan_sql(columns: tuple[str, ...]) -> str:
+    """:func:`_newest_sql` and what the import does with each row: 0 insert, 1 update (ours is
+    older), 2 nothing (ours is as new or newer)."""
     return (
         f"SELECT {', '.join(f's.{c}' for c in columns)}, CASE WHEN b.medium IS NULL THEN 0"
         " WHEN b.created_ts < s.created_ts THEN 1 ELSE 2 END AS action"
-        f" FROM (SELECT {', '.join(columns)} FROM (SELECT r.*, ROW_NUMBER() OVER ("
-        "PARTITION BY medium, address ORDER BY created_ts DESC, mxid DESC) AS n"
-        f" FROM {_STAGING} r) ranked WHERE n = 1) s"
+        f" FROM ({_newest_sql(columns)}) s"
         " LEFT JOIN bindings b ON b.medium = s.medium AND b.address = s.address"
     )
 
@@ -674,6 +681,7 @@ async def _import_bindings(
                 # For this transaction: the sorts of a million rows and the index builds.
                 await conn.execute("SET LOCAL work_mem = '128MB'")
                 await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+
             for temp in (_STAGING, _PLANNED):
                 await conn.execute(f"DROP TABLE IF EXISTS {temp}")
             (pepper_0, pepper_1), generation = slot_peppers(pepper)
@@ -685,30 +693,36 @@ async def _import_bindings(
             on_commit = " ON COMMIT DROP" if postgres else ""
             await conn.execute(f"CREATE TEMPORARY TABLE {_STAGING} ({column_types}){on_commit}")
             peppers = (pepper_0, pepper_1) if postgres else None
+            existing = int(await conn.fetchval("SELECT COUNT(*) FROM bindings"))
             staged = await _stage(conn, source, table, peppers, say)
-            await conn.execute(
-                f"CREATE TEMPORARY TABLE {_PLANNED}{on_commit} AS {_plan_sql(columns)}"
-            )
-            actions = {
-                int(r[0]): int(r[1])
-                for r in await conn.fetch(
-                    f"SELECT action, COUNT(*) FROM {_PLANNED} GROUP BY action"
+            if existing:
+                await conn.execute(
+                    f"CREATE TEMPORARY TABLE {_PLANNED}{on_commit} AS {_plan_sql(columns)}"
                 )
-            }
-            table.imported, table.updated = actions.get(0, 0), actions.get(1, 0)
-            table.unchanged = actions.get(2, 0)
-            table.skip("older association of the same address", staged - sum(actions.values()))
-            writes = table.imported + table.updated
-            if table.found >= PROGRESS_EVERY:
-                say(f"bindings: compared, {writes} to write")
+                actions = {
+                    int(r[0]): int(r[1])
+                    for r in await conn.fetch(
+                        f"SELECT action, COUNT(*) FROM {_PLANNED} GROUP BY action"
+                    )
+                }
+                table.imported, table.updated = actions.get(0, 0), actions.get(1, 0)
+                table.unchanged = actions.get(2, 0)
+                writes = table.imported + table.updated
+                planned = f"{_PLANNED} p WHERE p.action = 0"
+                if table.found >= PROGRESS_EVERY:
+                    say(f"bindings: compared, {writes} to write")
+            else:
+                # An empty table: every address is new, no plan to keep (a pass over a million
+                # rows less).
+                writes = staged
+                planned = f"({_newest_sql(columns)}) p"
             if writes:
-                existing = int(await conn.fetchval("SELECT COUNT(*) FROM bindings"))
                 rebuild = writes >= _REBUILD_INDEXES_FROM and writes * 2 >= existing
                 indexes = await _secondary_indexes(conn, postgres) if rebuild else []
                 for name, _ in indexes:
                     await conn.execute(f"DROP INDEX {name}")
                 if writes >= PROGRESS_EVERY:
-                    say(f"bindings: writing {writes} rows")
+                    say(f"bindings: writing {writes if existing else 'all'} rows")
                 if not postgres:
                     await conn.create_function(
                         _HASH_FUNCTION, 3, _sqlite_lookup_hash, deterministic=True
@@ -721,9 +735,11 @@ async def _import_bindings(
                 await conn.execute(
                     f"INSERT INTO bindings ({base}, lookup_hash, lookup_hash_1, hash_gen,"
                     f" imported_from) SELECT {', '.join(f'p.{c}' for c in _STAGING_COLUMNS)},"
-                    f" {hash_0}, {hash_1}, $2, $1 FROM {_PLANNED} p WHERE p.action = 0",
+                    f" {hash_0}, {hash_1}, $2, $1 FROM {planned}",
                     *params,
                 )
+                if not existing:
+                    table.imported = int(await conn.fetchval("SELECT COUNT(*) FROM bindings"))
                 if table.updated:
                     await conn.execute(
                         "UPDATE bindings SET mxid = p.mxid, created_ts = p.created_ts,"
@@ -741,9 +757,13 @@ async def _import_bindings(
                     await conn.execute(create)
                 if writes >= PROGRESS_EVERY:
                     say("bindings: written, committing")
+            table.skip(
+                "older association of the same address",
+                staged - table.imported - table.updated - table.unchanged,
+            )
             if not postgres:
                 for temp in (_STAGING, _PLANNED):
-                    await conn.execute(f"DROP TABLE {temp}")
+                    await conn.execute(f"DROP TABLE IF EXISTS {temp}")
             if dry_run:
                 raise _Rollback
     except _Rollback:
@@ -788,6 +808,16 @@ def _ephemeral_pair(invite: ImportedInvite) -> tuple[str, str | None] | None:
     return (normalised, None) if normalised is not None else None
 
 
+async def _existing(
+    conn: Any, db: AppDatabase, table: str, column: str, values: list[str]
+) -> set[str]:
+    """Those of ``values`` that ``table.column`` holds."""
+    if not values:
+        return set()
+    query, params = db.select_by_keys(table, (column,), column, values)
+    return {str(row[0]) for row in await conn.fetch(query, *params)}
+
+
 async def _import_invites(
     db: AppDatabase,
     source: ImportSource,
@@ -797,105 +827,113 @@ async def _import_invites(
     now_ms: int,
     report: ImportReport,
 ) -> None:
-    """Pending invites and the ephemeral keys, in one transaction."""
-    redaction = config.redaction
-    expired = keyless = 0
+    """Pending invites and the ephemeral keys, in one transaction: what is there already is
+    read in one query per kind, the new rows written in one batch."""
     table = report.table(INVITES)
     keys_table = report.table(EPHEMERAL_KEYS)
     current_source_key = next((k.key_id for k in source.signing_keys if k.current), None)
-    seen_tokens: set[str] = set()
+    rows: dict[str, tuple[Any, ...]] = {}  # our id -> the row
+    tokens: set[str] = set()
+    for invite in source.invites:
+        table.found += 1
+        address, why = _check_invite(invite)
+        if address is None:
+            table.skip(why)
+            continue
+        pair = _ephemeral_pair(invite)
+        if pair is None:
+            table.skip("ephemeral key unusable")
+            continue
+        our_id = invite_id(source.name, invite.source_id)
+        if invite.token in tokens or our_id in rows:
+            table.skip("token given twice" if invite.token in tokens else "id given twice")
+            continue
+        tokens.add(invite.token)
+        source_key = invite.signing_key_id or current_source_key
+        details = {k: v for k, v in invite.details.items() if k in DETAIL_FIELDS and v}
+        rows[our_id] = (
+            our_id,
+            invite.token,
+            invite.medium,
+            address,
+            invite.room_id,
+            invite.sender,
+            invite.display_name
+            or redact_address(address, config.redaction.local_chars, config.redaction.domain_chars),
+            pair[0],
+            json.dumps(details, sort_keys=True),
+            int(invite.created_ts),
+            PENDING,
+            # A key of the source that was not imported is not ours, whatever its id: the
+            # onbind is then signed with our current key.
+            key_map.get(source_key) if source_key else None,
+            pair[1],
+            source.name,
+        )
+    keys: dict[str, int] = {}
+    for key in source.ephemeral_keys:
+        keys_table.found += 1
+        public = normalise_public_key(key.public_key)
+        if public is None:
+            keys_table.skip("not an ed25519 public key")
+        elif public in keys:
+            keys_table.skip("given twice")
+        else:
+            keys[public] = int(key.created_ts)
+    new: list[tuple[Any, ...]] = []
     bound = 0
     try:
-        async with db.transaction():
-            for invite in source.invites:
-                table.found += 1
-                address, why = _check_invite(invite)
-                if address is None:
-                    table.skip(why)
-                    continue
-                pair = _ephemeral_pair(invite)
-                if pair is None:
-                    table.skip("ephemeral key unusable")
-                    continue
-                if invite.token in seen_tokens:
-                    table.skip("token given twice")
-                    continue
-                seen_tokens.add(invite.token)
-                our_id = invite_id(source.name, invite.source_id)
-                source_key = invite.signing_key_id or current_source_key
-                # A key of the source that was not imported is not ours, whatever its id: the
-                # onbind is then signed with our current key.
-                signing_key_id = key_map.get(source_key) if source_key else None
-                details = {k: v for k, v in invite.details.items() if k in DETAIL_FIELDS and v}
-                display_name = invite.display_name or redact_address(
-                    address, redaction.local_chars, redaction.domain_chars
-                )
-                inserted = await db.fetchval(
+        async with db.transaction() as conn:
+            ours = await _existing(conn, db, "invites", "id", list(rows))
+            taken = await _existing(conn, db, "invites", "token", sorted(tokens))
+            for our_id, row in rows.items():
+                if our_id in ours:
+                    table.unchanged += 1
+                elif row[1] in taken:
+                    table.skip("token already used by another invite here")
+                else:
+                    new.append(row)
+            if new:
+                await conn.executemany(
                     "INSERT INTO invites (id, token, medium, address, room_id, sender,"
                     " display_name, ephemeral_public_key, details, created_ts, state,"
                     " signing_key_id, ephemeral_private_key, imported_from)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-                    " ON CONFLICT DO NOTHING RETURNING id",
-                    our_id,
-                    invite.token,
-                    invite.medium,
-                    address,
-                    invite.room_id,
-                    invite.sender,
-                    display_name,
-                    pair[0],
-                    json.dumps(details, sort_keys=True),
-                    int(invite.created_ts),
-                    PENDING,
-                    signing_key_id,
-                    pair[1],
-                    source.name,
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    new,
                 )
-                if inserted is not None:
-                    table.imported += 1
-                    if signing_key_id is None and pair[1] is None:
-                        keyless += 1
-                    age_ms = now_ms - int(invite.created_ts)
-                    if config.expiration.enabled and age_ms > config.expiration.after * 1000:
-                        expired += 1
-                    if await db.fetchval(
-                        "SELECT 1 FROM bindings WHERE medium = $1 AND address = $2",
-                        invite.medium,
-                        address,
-                    ):
-                        bound += 1
-                elif await db.fetchval("SELECT 1 FROM invites WHERE id = $1", our_id):
-                    table.unchanged += 1
-                else:
-                    table.skip("token already used by another invite here")
-            for key in source.ephemeral_keys:
-                keys_table.found += 1
-                public = normalise_public_key(key.public_key)
-                if public is None:
-                    keys_table.skip("not an ed25519 public key")
-                    continue
-                inserted = await db.fetchval(
+                clause, params = db.in_list("i.id", [row[0] for row in new])
+                bound = int(
+                    await conn.fetchval(
+                        "SELECT COUNT(*) FROM invites i JOIN bindings b"
+                        f" ON b.medium = i.medium AND b.address = i.address WHERE {clause}",
+                        *params,
+                    )
+                )
+            table.imported = len(new)
+            known = await _existing(conn, db, "imported_ephemeral_keys", "public_key", list(keys))
+            fresh_keys = [(k, source.name, ts) for k, ts in keys.items() if k not in known]
+            if fresh_keys:
+                await conn.executemany(
                     "INSERT INTO imported_ephemeral_keys (public_key, imported_from, created_ts)"
-                    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING public_key",
-                    public,
-                    source.name,
-                    int(key.created_ts),
+                    " VALUES ($1, $2, $3)",
+                    fresh_keys,
                 )
-                if inserted is not None:
-                    keys_table.imported += 1
-                else:
-                    keys_table.unchanged += 1
+            keys_table.imported = len(fresh_keys)
+            keys_table.unchanged = len(keys) - len(fresh_keys)
             if dry_run:
                 raise _Rollback
     except _Rollback:
         pass
+    keyless = sum(1 for row in new if row[11] is None and row[12] is None)
     if keyless:
         report.notes.append(
             f"{keyless} imported invites have neither {source.name}'s signing key nor an "
             "ephemeral private key: their onbind is signed with this server's key, which their "
             "room does not list, so the invitee's homeserver will refuse it"
         )
-    if expired:
+    after_ms = config.expiration.after * 1000
+    expired = sum(1 for row in new if now_ms - row[9] > after_ms)
+    if expired and config.expiration.enabled:
         report.notes.append(
             f"{expired} imported invites are older than invites.expiration.after"
             f" ({config.expiration.after:g} s): the server withdraws them when it starts"
