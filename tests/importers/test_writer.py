@@ -25,6 +25,7 @@ from appservice.crypto.hashing import lookup_hash
 from appservice.db.database import AppDatabase
 from appservice.db.invites import PENDING, InviteStore
 from appservice.db.lookup_peppers import PepperState
+from appservice.importers import writer
 from appservice.importers.model import (
     ImportedBinding,
     ImportedEphemeralKey,
@@ -583,3 +584,36 @@ async def test_an_invite_under_a_key_that_was_not_imported_is_signed_with_ours(
     finally:
         await db.stop()
     assert stored is not None and stored.signing_key_id is None
+
+
+async def _index_names(config: Config) -> list[str]:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        if db.is_postgres:
+            query = (
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+                " AND tablename = 'bindings'"
+            )
+        else:
+            query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bindings'"
+        return sorted(str(row[0]) for row in await db.fetch(query))
+    finally:
+        await db.stop()
+
+
+async def test_a_large_write_rebuilds_the_indexes_it_dropped(
+    config: Config, homeserver: FakeHomeserver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "_REBUILD_INDEXES_FROM", 1)
+    before = await _index_names(config)
+    assert len(before) >= 5  # the primary key's and four more
+    await do_import(config, source([binding("a@example.com", "@a:hs.test")]))
+    newer = [binding("a@example.com", "@b:hs.test", T0 + 1), binding("c@example.com", "@c:hs.test")]
+    report = await do_import(config, source(newer))  # the plan and the update, too
+    assert counts(report, BINDINGS) == (2, 1, 1, 0)
+    assert await _index_names(config) == before
+    async with serving(config, homeserver) as api:
+        found = await hashed_lookup(api, [("email", "a@example.com"), ("email", "c@example.com")])
+    assert found == {"a@example.com": "@b:hs.test", "c@example.com": "@c:hs.test"}
