@@ -21,12 +21,14 @@ import json
 import os
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import signedjson.key
 from unpaddedbase64 import encode_base64
 
@@ -209,13 +211,26 @@ async def run_import(
         raise ImportFailed(f"import: source name {source.name!r} is not [a-z0-9_]{{1,32}}")
     report = ImportReport(source.name, dry_run, source_skipped=dict(source.skipped))
     report.notes += source.notes
-    await _refuse_if_running(db, clock.now_ms())
-    fresh = await _refuse_foreign_rows(db, source.name, merge)
-    key_map = await _import_signing_keys(db, key_path, source, fresh, dry_run, clock, report)
-    await _import_bindings(db, source, dry_run, clock, report, progress)
-    await _import_invites(
-        db, source, key_map, invites or InvitesConfig(), dry_run, clock.now_ms(), report
-    )
+    step = "checking the database"
+    try:
+        await _refuse_if_running(db, clock.now_ms())
+        fresh = await _refuse_foreign_rows(db, source.name, merge)
+        step = SIGNING_KEYS
+        key_map = await _import_signing_keys(db, key_path, source, fresh, dry_run, clock, report)
+        step = BINDINGS
+        await _import_bindings(db, source, dry_run, clock, report, progress)
+        step = INVITES
+        await _import_invites(
+            db, source, key_map, invites or InvitesConfig(), dry_run, clock.now_ms(), report
+        )
+    except (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        # E.g. SQLite locked by a running server: one line, not a driver's traceback.
+        done = [name for name in report.tables if name != step and report.tables[name].changed]
+        raise ImportFailed(
+            f"import: the database failed while importing {step}, which was not written"
+            f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            + (f"; {', '.join(done)} were imported before it" if done and not dry_run else "")
+        ) from e
     report.seconds = clock.time() - started
     if report.changed and not dry_run:
         await db.execute(

@@ -617,3 +617,32 @@ async def test_a_large_write_rebuilds_the_indexes_it_dropped(
     async with serving(config, homeserver) as api:
         found = await hashed_lookup(api, [("email", "a@example.com"), ("email", "c@example.com")])
     assert found == {"a@example.com": "@b:hs.test", "c@example.com": "@c:hs.test"}
+
+
+async def test_a_database_error_is_one_line_naming_the_table_left_unwritten(
+    config: Config,
+) -> None:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        await db.execute("DROP TABLE imported_ephemeral_keys")  # the invites step fails
+    finally:
+        await db.stop()
+    with pytest.raises(ImportFailed) as failed:
+        await do_import(config, _full_source())
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("import: the database failed while importing invites")
+    assert message.endswith("; signing keys, bindings were imported before it")
+    counted = await _table_counts_without_ephemeral(config)
+    assert (counted["bindings"], counted["invites"]) == (2, 0)
+
+
+async def _table_counts_without_ephemeral(config: Config) -> dict[str, int]:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        return {t: int(await db.fetchval(f"SELECT COUNT(*) FROM {t}")) for t in (BINDINGS, INVITES)}
+    finally:
+        await db.stop()
