@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from appservice.clock import Clock
 from appservice.config import Config, ConfigError, load_config
 from appservice.crypto.signing import KeyFileError, KeyRing
-from appservice.db.database import AppDatabase, DatabaseError, load_migrations
+from appservice.db.database import AppDatabase, DatabaseError
 from appservice.db.destinations import Destination, DestinationStore
 from appservice.db.invites import BOUND, EXPIRED, PENDING, Invite, InviteStore
 from appservice.db.outbox import DELIVERED, FAILED, OutboxEntry, OutboxStore
@@ -660,18 +660,10 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
 
     source = await _read_import_source(args)
     db = AppDatabase(config.database.url)
-    unmigrated = ImportFailed(
-        "import --dry-run writes nothing, and the database is not migrated: run "
-        "`migrate` with this config first"
-    )
-    if args.dry_run and not db.exists():
-        raise unmigrated
     await db.start()
     try:
-        if not args.dry_run:
-            await db.migrate()
-        elif await db.schema_version() < load_migrations(db.dialect)[-1].version:
-            raise unmigrated
+        # Also before a dry run, which then writes no data (only the schema, as `migrate`).
+        migrated = await db.migrate()
         report = await run_import(
             db,
             Path(config.keys.signing_key_path),
@@ -685,6 +677,8 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
         await db.stop()
     for line in report.lines():
         print(line)
+    if migrated and args.dry_run:
+        print("  the database schema was migrated first, as `migrate` does")
     return 0
 
 
