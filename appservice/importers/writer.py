@@ -367,6 +367,8 @@ def _plan_keys(
     plan = _KeyPlan([], [], [], [])
     key_map: dict[str, str] = {}
     new_current: str | None = None
+    # Key ids that must not sign: revoked here, or imported as revoked.
+    invalid = {k.key_id for k in stored if k.revoked_ts is not None}
     for source_key in source.signing_keys:
         table.found += 1
         key = _signing_key(source_key.key_id, source_key.seed)
@@ -411,12 +413,14 @@ def _plan_keys(
         else:
             table.unchanged += 1
         key_map[source_key.key_id] = target
+        if not source_key.valid:
+            invalid.add(target)
         if source_key.current and source_key.valid and fresh:
             new_current = target
-    if new_current is None and not existing:
-        # No key file of ours, and the source marks no valid key current: the first valid one
-        # becomes current, else a new key (a revoked key must not sign).
-        new_current = next((key_map[k.key_id] for k in source.signing_keys if k.valid), None)
+    if new_current is None and (not in_file or _key_id(in_file[0]) in invalid):
+        # The key that would sign is revoked (or there is none): the first valid key of the
+        # file becomes current, else a new key.
+        new_current = next((_key_id(k) for k in in_file if _key_id(k) not in invalid), None)
         if new_current is None:
             taken = _ids(in_file) | set(stored_by_id)
             numbers = [int(v) for v in (i.partition(":")[2] for i in taken) if v.isdigit()]
@@ -493,7 +497,7 @@ async def _import_signing_keys(
     except _Rollback:
         pass
     current = plan.in_file[0]
-    if existing is None or _key_id(existing[0]) != _key_id(current):
+    if not existing or _public(existing[0]) != _public(current):
         report.notes.append(
             f"current signing key {'would be' if dry_run else 'is now'} {_key_id(current)}"
             f" {_public(current)}"

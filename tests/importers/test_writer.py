@@ -483,6 +483,7 @@ async def test_on_a_fresh_server_the_source_key_replaces_our_unused_one(
     old_file = key_path(config).read_bytes()
     report = await do_import(config, _full_source())
     assert any("replaces this server's unused ed25519:0" in note for note in report.notes)
+    assert f"current signing key is now ed25519:0 {public_of(SEED)}" in report.notes
     backups = list(key_path(config).parent.glob(f"{key_path(config).name}.before-sydent-import-*"))
     assert len(backups) == 1
     assert backups[0].read_bytes() == old_file
