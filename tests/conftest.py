@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -25,7 +27,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on a private loop in a worker thread (for synchronous fixtures)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
@@ -44,7 +46,7 @@ def postgres_database() -> Iterator[str]:
     """A PostgreSQL database created for this test run and dropped after it."""
     name = f"appservice_test_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        _run_sync(_admin(f'CREATE DATABASE "{name}"'))
+        run_sync(_admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError) as e:
         pytest.fail(
             f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({e}); "
@@ -54,7 +56,17 @@ def postgres_database() -> Iterator[str]:
     try:
         yield f"{base}/{name}"
     finally:
-        _run_sync(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_sync(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests of commands, which configure the root logger: leave it as the test found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -63,8 +75,14 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite:{tmp_path / 'identity.db'}"
         return
-    base_url: str = request.getfixturevalue("postgres_database")
-    schema = f"test_{secrets.token_hex(6)}"
+    async with postgres_schema(request.getfixturevalue("postgres_database")) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema(base_url: str, prefix: str = "test") -> AsyncIterator[str]:
+    """A fresh schema in the test database, dropped afterwards: the URL that uses it."""
+    schema = f"{prefix}_{secrets.token_hex(6)}"
     conn = await asyncpg.connect(base_url)
     try:
         await conn.execute(f"CREATE SCHEMA {schema}")

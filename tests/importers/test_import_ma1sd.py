@@ -6,20 +6,15 @@ The ma1sd store is SQLite when ours is, PostgreSQL when ours is (ma1sd ran on bo
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import quote
 
-import asyncpg
 import pytest
 import signedjson.key
 import signedjson.sign
@@ -32,6 +27,7 @@ from appservice.config import load_config
 from appservice.db.database import AppDatabase
 from appservice.db.invites import BOUND, PENDING, InviteStore
 from tests.api.test_bind import BIND, validated_session
+from tests.conftest import postgres_schema, run_sync
 from tests.support.api_server import Api
 from tests.support.homeserver import FakeHomeserver
 from tests.support.ma1sd import Ma1sdInvite, Ma1sdKeys, create_store, make_invite, public_key
@@ -39,7 +35,6 @@ from tests.support.signing_homeserver import SigningHomeserver
 from tests.support.smtp import SmtpSink
 from tests.support.twilio import FakeTwilio
 
-T = TypeVar("T")
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
 
@@ -50,19 +45,7 @@ def _main(*args: str) -> int:
         return pool.submit(cli.main, list(args)).result()
 
 
-def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The command configures the root logger; leave it as the test found it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @dataclass
@@ -104,15 +87,8 @@ async def ma1sd_source(
     if database_url.startswith("sqlite:"):
         yield str(tmp_path / "ma1sd.db")
         return
-    base_url: str = request.getfixturevalue("postgres_database")
-    schema = f"ma1sd_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(base_url)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield f"{base_url}?search_path={schema}"
-    finally:
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
+    async with postgres_schema(request.getfixturevalue("postgres_database"), "ma1sd") as url:
+        yield url
 
 
 @pytest.fixture
@@ -291,7 +267,7 @@ async def _counts(database_url: str) -> tuple[int, int]:
 def test_a_second_import_changes_nothing(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(*world.import_args()) == 0
     key_file = world.key_file.read_bytes()
-    counts = _in_thread(_counts(world.database_url))
+    counts = run_sync(_counts(world.database_url))
     capsys.readouterr()
 
     assert _main(*world.import_args()) == 0
@@ -300,7 +276,7 @@ def test_a_second_import_changes_nothing(world: World, capsys: pytest.CaptureFix
     assert "invites: found 2, nothing to change (2 unchanged)" in out
     assert "signing keys: found 2, nothing to change (2 unchanged)" in out
     assert world.key_file.read_bytes() == key_file
-    assert _in_thread(_counts(world.database_url)) == counts
+    assert run_sync(_counts(world.database_url)) == counts
     assert counts == (2, 2)
 
 
@@ -312,7 +288,7 @@ def test_dry_run_writes_nothing(world: World, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "would import 2" in out
     assert not world.key_file.exists()
-    assert _in_thread(_counts(world.database_url)) == (0, 0)
+    assert run_sync(_counts(world.database_url)) == (0, 0)
 
 
 def test_a_foreign_store_fails_in_one_line_and_writes_nothing(

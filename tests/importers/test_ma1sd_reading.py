@@ -15,6 +15,7 @@ import pytest
 
 from appservice.importers.ma1sd import IDENTITY_STORE_NOTE, read_ma1sd
 from appservice.importers.model import ImportFailed
+from tests.conftest import postgres_schema
 from tests.support.ma1sd import (
     Ma1sdInvite,
     Ma1sdKeys,
@@ -35,15 +36,8 @@ async def ma1sd_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     if request.param == "sqlite":
         yield str(tmp_path / "ma1sd.db")
         return
-    base_url: str = request.getfixturevalue("postgres_database")
-    schema = f"ma1sd_{secrets.token_hex(6)}"
-    conn = await asyncpg.connect(base_url)
-    try:
-        await conn.execute(f"CREATE SCHEMA {schema}")
-        yield f"{base_url}?search_path={schema}"
-    finally:
-        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
-        await conn.close()
+    async with postgres_schema(request.getfixturevalue("postgres_database"), "ma1sd") as url:
+        yield url
 
 
 async def test_reads_pending_invites_keys_and_counts_resolved(

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import signedjson.key
@@ -28,8 +26,7 @@ from appservice.db.destinations import DestinationStore
 from appservice.db.invites import InviteStore
 from appservice.db.outbox import OutboxEntry, OutboxStore
 from appservice.services.invites import StoreInviteRequest
-
-T = TypeVar("T")
+from tests.conftest import run_sync
 
 REPO = Path(__file__).resolve().parents[2]
 SENDER = "@inviter:hs.test"
@@ -46,12 +43,6 @@ LIST_KEYS = [
     "invitee",
     "resolved_mxid",
 ]
-
-
-def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a private loop (the tests are synchronous, like the command line)."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 def _main(*args: str) -> int:
@@ -71,14 +62,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The command configures the root logger; leave it as the test found it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @dataclass(frozen=True)
@@ -155,7 +139,7 @@ async def _outbox(config: Path, invite_id: str) -> list[OutboxEntry]:
 def world(tmp_path: Path) -> World:
     config = tmp_path / "config.yaml"
     assert _main("generate-config", "-c", str(config)) == 0
-    return _in_thread(_populate(config))
+    return run_sync(_populate(config))
 
 
 def _json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
@@ -316,7 +300,7 @@ def test_expire_queues_the_onbind_once(world: World, capsys: pytest.CaptureFixtu
 
     # The request signed with the server's own key, which homeservers can fetch (its `signed`
     # block with the invite's ephemeral key).
-    (stored,) = _in_thread(_outbox(world.config, world.pending))
+    (stored,) = run_sync(_outbox(world.config, world.pending))
     body = json.loads(stored.body)
     assert body["mxid"] == "@_identity_invite_expired:localhost"
     assert body["address"] == "alice@example.org"
@@ -327,7 +311,7 @@ def test_expire_queues_the_onbind_once(world: World, capsys: pytest.CaptureFixtu
     assert _main("invites", "expire", world.pending, *world.c) == 1
     err = capsys.readouterr().err
     assert f"error: invite {world.pending} is expired, not pending" in err
-    assert len(_in_thread(_outbox(world.config, world.pending))) == 1
+    assert len(run_sync(_outbox(world.config, world.pending))) == 1
 
     assert _main("invites", "expire", world.delivered, *world.c) == 1
     assert f"error: invite {world.delivered} is bound, not pending" in capsys.readouterr().err
@@ -370,7 +354,7 @@ def test_commands_leave_no_tasks_behind(world: World) -> None:
         assert asyncio.all_tasks() == {asyncio.current_task()}
         return status
 
-    assert _in_thread(run()) == 0
+    assert run_sync(run()) == 0
 
 
 def test_missing_signing_key_is_an_error_and_no_key_is_made(
@@ -415,8 +399,8 @@ def test_list_and_show_tell_when_the_homeserver_is_backed_off(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _main("invites", "retry", world.failed, *world.c) == 0  # queued again
-    (entry,) = _in_thread(_outbox(world.config, world.failed))
-    _in_thread(_homeserver_down(world.config, entry.destination))
+    (entry,) = run_sync(_outbox(world.config, world.failed))
+    run_sync(_homeserver_down(world.config, entry.destination))
     capsys.readouterr()
     rows = _json(capsys, "invites", "list", "--json", *world.c)
     states = {row["id"]: row["homeserver"] for row in rows}

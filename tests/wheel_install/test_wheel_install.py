@@ -28,7 +28,7 @@ import asyncpg
 import pytest
 
 import appservice
-from tests.conftest import POSTGRES_ADMIN_URL, _admin, _run_sync
+from tests.conftest import POSTGRES_ADMIN_URL, _admin, run_sync
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "matrix-identity-appservice"
@@ -97,14 +97,14 @@ def fresh_postgres_database() -> Iterator[str]:
     """A PostgreSQL database made for one test and dropped after it."""
     name = f"appservice_pkg_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        _run_sync(_admin(f'CREATE DATABASE "{name}"'))
+        run_sync(_admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError) as e:
         pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({e})")
     base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
     try:
         yield f"{base}/{name}"
     finally:
-        _run_sync(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_sync(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _free_port() -> int:
