@@ -554,16 +554,18 @@ def slot_peppers(state: PepperState) -> tuple[tuple[str | None, str | None], int
     return (slots[0], slots[1]), generation
 
 
-def _hash_sql(postgres: bool, slot: int) -> str:
+def _hash_sql(postgres: bool, slot: int, pepper: str | None) -> str:
     """SQL for the lookup hash of the planned row ``p`` in hash slot ``slot``.
 
     On PostgreSQL the hashes are computed while staging: in this process, while the database
     works on the previous batch (hashing in SQL cost more: 1.7 µs a hash against 1.2 µs). On
     SQLite, whose writes share this process, only the rows written are hashed, by
     ``crypto.hashing.lookup_hash`` registered on the connection (its pepper parameter is
-    ``$3`` or ``$4``)."""
+    ``$3`` or ``$4``); a slot without a pepper is NULL without a call."""
     if postgres:
         return f"p.{_HASH_COLUMNS[slot]}"
+    if pepper is None:
+        return "NULL"
     return f"{_HASH_FUNCTION}(p.address, p.medium, ${slot + 3})"
 
 
@@ -746,8 +748,11 @@ async def _import_bindings(
                     await conn.create_function(
                         _HASH_FUNCTION, 3, _sqlite_lookup_hash, deterministic=True
                     )
-                hash_0, hash_1 = _hash_sql(postgres, 0), _hash_sql(postgres, 1)
-                params = [source.name, generation] + ([] if postgres else [pepper_0, pepper_1])
+                hash_0 = _hash_sql(postgres, 0, pepper_0)
+                hash_1 = _hash_sql(postgres, 1, pepper_1)
+                params: list[Any] = [source.name, generation]
+                if not postgres:  # the peppers, up to the last one used ($3, $4)
+                    params += [pepper_0] if pepper_1 is None else [pepper_0, pepper_1]
                 # No ON CONFLICT: the plan was made in this transaction, on a stopped server, so
                 # its inserts conflict with nothing (a plain insert costs a third less).
                 base = ", ".join(_STAGING_COLUMNS)

@@ -646,3 +646,35 @@ async def _table_counts_without_ephemeral(config: Config) -> dict[str, int]:
         return {t: int(await db.fetchval(f"SELECT COUNT(*) FROM {t}")) for t in (BINDINGS, INVITES)}
     finally:
         await db.stop()
+
+
+async def test_bindings_are_hashed_in_both_slots_after_a_pepper_rotation(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        await db.migrate()
+        # Generation 1 is current (slot 1); generation 0's pepper is still in slot 0.
+        await db.execute(
+            "INSERT INTO lookup_pepper (id, generation, pepper, since_ts, previous_pepper)"
+            " VALUES (1, 1, 'pepperOne', 0, 'pepperZero')"
+        )
+    finally:
+        await db.stop()
+    await do_import(config, source([binding("a@example.com", "@a:hs.test")]))
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        row = await db.fetchrow("SELECT lookup_hash, lookup_hash_1, hash_gen FROM bindings")
+    finally:
+        await db.stop()
+    assert tuple(row) == (
+        lookup_hash("a@example.com", "email", "pepperZero"),
+        lookup_hash("a@example.com", "email", "pepperOne"),
+        1,
+    )
+    async with serving(config, homeserver) as api:
+        assert await hashed_lookup(api, [("email", "a@example.com")]) == {
+            "a@example.com": "@a:hs.test"
+        }
