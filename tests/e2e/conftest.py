@@ -154,6 +154,36 @@ def before_identity_start() -> Callable[[Path], Awaitable[None]] | None:
     return None
 
 
+def base_identity_settings(
+    tmp_path: Path,
+    port: int,
+    synapse: SynapseServer,
+    certs: TestCertificates,
+    smtp: SmtpSink,
+    appservice_setup: AppserviceSetup,
+) -> dict[str, Any]:
+    """Our server's settings for the e2e suite: SQLite in ``tmp_path``, TLS on ``port`` under
+    the name ``localhost:<port>``, the SMTP sink, Synapse reachable by discovery."""
+    return {
+        "server": {"name": f"localhost:{port}", "public_base_url": f"https://localhost:{port}"},
+        "listen": {
+            "host": "127.0.0.1",
+            "port": port,
+            "tls_cert": str(certs.cert),
+            "tls_key": str(certs.key),
+        },
+        "database": {"url": f"sqlite:{tmp_path / 'is.db'}"},
+        "federation": {
+            "allowed_networks": ["127.0.0.0/8", "::1/128"],
+            "ca_file": str(synapse.ca_file),
+        },
+        "notifications": {
+            "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
+        },
+        "appservice": appservice_setup.settings(synapse),
+    }
+
+
 @pytest.fixture
 async def identity_server(
     tmp_path: Path,
@@ -167,24 +197,9 @@ async def identity_server(
     """Our server on SQLite with TLS, a real SMTP sink, and Synapse reachable by discovery."""
     port = identity_port
     async with SmtpSink() as smtp:
-        settings = {
-            "server": {"name": f"localhost:{port}", "public_base_url": f"https://localhost:{port}"},
-            "listen": {
-                "host": "127.0.0.1",
-                "port": port,
-                "tls_cert": str(test_certificates.cert),
-                "tls_key": str(test_certificates.key),
-            },
-            "database": {"url": f"sqlite:{tmp_path / 'is.db'}"},
-            "federation": {
-                "allowed_networks": ["127.0.0.0/8", "::1/128"],
-                "ca_file": str(synapse.ca_file),
-            },
-            "notifications": {
-                "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
-            },
-            "appservice": appservice_setup.settings(synapse),
-        }
+        settings = base_identity_settings(
+            tmp_path, port, synapse, test_certificates, smtp, appservice_setup
+        )
         settings = deep_merge(settings, identity_settings)
         if before_identity_start is not None:
             config_file = tmp_path / "identity.yaml"

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -23,7 +22,7 @@ import yaml
 from appservice import cli
 from appservice.app import IdentityServer
 from appservice.config import load_config
-from tests.e2e.conftest import AppserviceSetup, RunningIdentityServer
+from tests.e2e.conftest import AppserviceSetup, RunningIdentityServer, base_identity_settings
 from tests.e2e.flows import (
     bind_through_synapse,
     register_everywhere,
@@ -31,6 +30,7 @@ from tests.e2e.flows import (
     wait_for_member,
 )
 from tests.support.ma1sd import Ma1sdKeys, create_store, make_invite, public_key
+from tests.support.settings import deep_merge
 from tests.support.smtp import SmtpSink
 from tests.support.synapse import SynapseServer, free_port
 from tests.support.tls import TestCertificates
@@ -107,7 +107,12 @@ async def test_invite_stored_by_ma1sd_is_delivered_by_us_and_synapse_accepts_it(
         config_path = tmp_path / "config.yaml"
         config_path.write_text(
             yaml.safe_dump(
-                _settings(tmp_path, port, synapse, test_certificates, smtp, appservice_setup)
+                deep_merge(
+                    base_identity_settings(
+                        tmp_path, port, synapse, test_certificates, smtp, appservice_setup
+                    ),
+                    {"keys": {"signing_key_path": str(tmp_path / "signing.key")}},
+                )
             )
         )
         capsys.readouterr()
@@ -140,35 +145,6 @@ async def test_invite_stored_by_ma1sd_is_delivered_by_us_and_synapse_accepts_it(
                 "GET", f"{V1}/pubkey/ephemeral/isvalid?public_key={quote(public_key(e_seed))}"
             )
             assert (status, body) == (200, {"valid": False})
-
-
-def _settings(
-    tmp_path: Path,
-    port: int,
-    synapse: SynapseServer,
-    certs: TestCertificates,
-    smtp: SmtpSink,
-    appservice_setup: AppserviceSetup,
-) -> dict[str, Any]:
-    return {
-        "server": {"name": f"localhost:{port}", "public_base_url": f"https://localhost:{port}"},
-        "listen": {
-            "host": "127.0.0.1",
-            "port": port,
-            "tls_cert": str(certs.cert),
-            "tls_key": str(certs.key),
-        },
-        "database": {"url": f"sqlite:{tmp_path / 'is.db'}"},
-        "keys": {"signing_key_path": str(tmp_path / "signing.key")},
-        "federation": {
-            "allowed_networks": ["127.0.0.0/8", "::1/128"],
-            "ca_file": str(synapse.ca_file),
-        },
-        "notifications": {
-            "email": {"connector": "smtp", "smtp": {"host": "127.0.0.1", "port": smtp.port}}
-        },
-        "appservice": appservice_setup.settings(synapse),
-    }
 
 
 @asynccontextmanager
