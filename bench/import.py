@@ -46,6 +46,8 @@ import nacl.signing
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from targets import pg_admin  # noqa: E402
+
 from appservice.importers.sydent import read_sydent  # noqa: E402
 
 # Bump when the dataset's shape changes: the cache is keyed by it.
@@ -320,15 +322,6 @@ def _appservice(*args: str, log: Path) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, out
 
 
-async def _pg(admin_url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 async def _pg_counts(url: str) -> tuple[int, int]:
     conn = await asyncpg.connect(url)
     try:
@@ -359,8 +352,8 @@ def run_backend(
     if backend == "sqlite":
         url = f"sqlite:{directory / 'identity.db'}"
     else:
-        asyncio.run(_pg(args.postgres, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        asyncio.run(_pg(args.postgres, f'CREATE DATABASE "{database}"'))
+        asyncio.run(pg_admin(args.postgres, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        asyncio.run(pg_admin(args.postgres, f'CREATE DATABASE "{database}"'))
         url = f"{args.postgres.rpartition('/')[0]}/{database}"
     try:
         config = _our_config(directory, url)
@@ -383,7 +376,8 @@ def run_backend(
             )
     finally:
         if backend == "postgres":
-            asyncio.run(_pg(args.postgres, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            drop = f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
+            asyncio.run(pg_admin(args.postgres, drop))
     return Outcome(backend, bindings, seconds, rss, rerun, f"{bindings:,} + {invites:,}")
 
 
