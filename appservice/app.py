@@ -459,7 +459,7 @@ class IdentityServer:
 
         from appservice.matrix.actions import RoomActionWorker
         from appservice.matrix.appservice import IdentityAppService
-        from appservice.matrix.bot import RoomBot, bot_action_for, expiry_notice
+        from appservice.matrix.bot import RoomBot, bot_action_for
         from appservice.matrix.state_store import RoomStateStore
         from appservice.services.room_invites import RoomInviteCommands
 
@@ -497,8 +497,7 @@ class IdentityServer:
         self.expired_invites.bot_action_for = lambda event: bot_action_for(
             event, matrix.bot_mxid, our_users, config.bot_command_prefix
         )
-        if config.bot_expiry_notice:
-            self.expired_invites.expiry_notice_for = expiry_notice
+        self.expired_invites.post_expiry_notice = config.bot_expiry_notice
         self.action_worker = worker = RoomActionWorker(
             self.appservice_store,
             lambda user_id: matrix.intent.user(UserID(user_id)),

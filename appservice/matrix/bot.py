@@ -16,7 +16,6 @@ from typing import Any
 from appservice.clock import Clock
 from appservice.db.appservice import AppserviceStore, RoomAction
 from appservice.db.database import AppDatabase
-from appservice.db.invites import Invite
 from appservice.matrix.state_store import RoomStateStore
 from appservice.services.expired_invites import BOT_EXPIRY_NOTICE
 from appservice.services.room_invites import RoomInviteCommands, RoomPowers
@@ -112,14 +111,6 @@ def bot_action_for(
     if content.get("msgtype") == "m.notice" or not isinstance(body, str):
         return None
     return (BOT_COMMAND, room_id, event_id) if parse_command(body, prefix) else None
-
-
-def expiry_notice(invite: Invite, expired_after: str) -> str:
-    """What the bot posts when an invite in its room expired (appservice.bot_expiry_notice)."""
-    return (
-        f"The invitation to {invite.display_name} by {invite.sender} expired after"
-        f" {expired_after} and was withdrawn."
-    )
 
 
 def notice_txn_id(action: RoomAction) -> str:

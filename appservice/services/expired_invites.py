@@ -106,7 +106,7 @@ class ExpiredInviteService:
         self.bot_user_id = ""
         # The bot's notice text for an expired invite and how long it waited, when the bot
         # posts one (set when the appservice runs with appservice.bot_expiry_notice).
-        self.expiry_notice_for: Callable[[Invite, str], str] | None = None
+        self.post_expiry_notice = False
         # Wakes the job that performs actions (after the transaction committed).
         self.on_recorded: Callable[[], None] = lambda: None
 
@@ -182,7 +182,7 @@ class ExpiredInviteService:
     async def _expiry_notice(self, event: dict[str, Any]) -> str | None:
         """The bot's notice for the invite of this event when it is one of ours that expired
         (not one withdrawn through the bot or by the operator before its time), if enabled."""
-        if self.expiry_notice_for is None or not self.bot_user_id:
+        if not self.post_expiry_notice or not self.bot_user_id:
             return None
         token = _invite_token(event)
         invite = await self._invites.by_token(token) if token else None
@@ -192,7 +192,17 @@ class ExpiredInviteService:
             return None
         if await self._invites.withdrawn_by(invite.id) is not None:
             return None
-        return self.expiry_notice_for(invite, human_duration(self._expire_after_s))
+        # The same words as the rejection reason (invite_expired_reason.txt).
+        return self._expired_reason(invite)
+
+    def _expired_reason(self, invite: Invite) -> str:
+        return self._generator.expired_invite_reason(
+            invitee=invite.display_name,
+            sender=invite.sender,
+            invited_on=_day(invite.created_ts),
+            expired_after=human_duration(self._expire_after_s),
+            room_id=invite.room_id,
+        )
 
     async def _reason(self, event: dict[str, Any]) -> str:
         """The rejection reason, with the invite's details when it is one of ours."""
@@ -204,25 +214,16 @@ class ExpiredInviteService:
             display_name = third_party["display_name"]
         invite = await self._invites.by_token(token) if token else None
         if invite is not None:
-            invited_on = datetime.datetime.fromtimestamp(
-                invite.created_ts / 1000, datetime.UTC
-            ).strftime("%Y-%m-%d")
             withdrawn_by = await self._invites.withdrawn_by(invite.id)
             if withdrawn_by is not None:
                 return self._generator.withdrawn_invite_reason(
                     invitee=invite.display_name,
                     sender=invite.sender,
-                    invited_on=invited_on,
+                    invited_on=_day(invite.created_ts),
                     withdrawn_by=withdrawn_by,
                     room_id=invite.room_id,
                 )
-            return self._generator.expired_invite_reason(
-                invitee=invite.display_name,
-                sender=invite.sender,
-                invited_on=invited_on,
-                expired_after=human_duration(self._expire_after_s),
-                room_id=invite.room_id,
-            )
+            return self._expired_reason(invite)
         sender = event.get("sender")
         return self._generator.expired_invite_reason(
             invitee=display_name,
@@ -238,3 +239,8 @@ class ExpiredInviteService:
         return await self._store.purge_transactions(
             cutoff
         ) + await self._store.purge_finished_actions(cutoff)
+
+
+def _day(ms: int) -> str:
+    """The UTC date of a timestamp, as the reason templates show it."""
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d")

@@ -4,6 +4,7 @@ from, the expiry notice."""
 
 from __future__ import annotations
 
+import datetime
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote
@@ -404,9 +405,11 @@ async def test_an_expired_invite_records_the_bots_notice_once(
     actions = await quiet.server.appservice_store.actions()
     [notice] = [a for a in actions if a.kind == BOT_EXPIRY_NOTICE]
     assert (notice.user_id, notice.event_id) == (BOT, events[0]["event_id"])
+    # The words of the rejection reason (invite_expired_reason.txt, which operators may edit).
+    invited_on = datetime.datetime.fromtimestamp(pending.created_ts / 1000, datetime.UTC)
     assert notice.reason == (
-        f"The invitation to {pending.display_name} by {pending.sender} expired after 7 days"
-        " and was withdrawn."
+        f"The invitation sent to {pending.display_name} by {pending.sender} on"
+        f" {invited_on:%Y-%m-%d} expired after 7 days and was withdrawn."
     )
     assert sorted(a.kind for a in actions) == [BOT_EXPIRY_NOTICE, REJECT, REJECT, REJECT]
 
