@@ -9,7 +9,11 @@ key file alone.
 Bindings stream through a staging table (``COPY`` on PostgreSQL, ``executemany`` on SQLite);
 one statement then plans them (the newest association of each address, and whether it is new,
 newer than ours or unchanged), and an ``INSERT … SELECT`` and an ``UPDATE … FROM`` write what
-changes. A large write drops the table's secondary indexes and builds them again after.
+changes (into an empty table the newest rows go straight in). A large write drops the table's
+secondary indexes and builds them again after.
+
+A later run brings back an association unbound here since the previous one (the old server
+still has it): import again only before this server takes over.
 """
 
 from __future__ import annotations
