@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,11 +99,28 @@ class BindingStore:
         return dict(rows)  # (hash, mxid) pairs: SQLite tuples or asyncpg records
 
     async def delete(self, medium: str, address: str, mxid: str) -> bool:
-        """Remove the binding of a 3PID to ``mxid``; False when there was none."""
-        row = await self._db.fetchrow(
-            "DELETE FROM bindings WHERE medium = $1 AND address = $2 AND mxid = $3 RETURNING mxid",
-            medium,
-            address,
-            mxid,
-        )
+        """Remove the binding of a 3PID to ``mxid``; False when there was none. An imported
+        binding leaves a digest in ``unbound_imports``, so that importing the same data again
+        does not bring it back."""
+        async with self._db.transaction():
+            row = await self._db.fetchrow(
+                "DELETE FROM bindings WHERE medium = $1 AND address = $2 AND mxid = $3"
+                " RETURNING imported_from, created_ts",
+                medium,
+                address,
+                mxid,
+            )
+            if row is not None and row["imported_from"] is not None:
+                await self._db.execute(
+                    "INSERT INTO unbound_imports (digest, imported_ts) VALUES ($1, $2)"
+                    " ON CONFLICT (digest) DO UPDATE SET imported_ts = excluded.imported_ts",
+                    unbound_digest(medium, address),
+                    row["created_ts"],
+                )
         return row is not None
+
+
+def unbound_digest(medium: str, address: str) -> str:
+    """What ``unbound_imports`` keeps of an unbound 3PID: sha256 of ``"<medium> <address>"``,
+    hex (the import computes the same in SQL)."""
+    return hashlib.sha256(f"{medium} {address}".encode()).hexdigest()

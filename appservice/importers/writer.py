@@ -12,8 +12,8 @@ newer than ours or unchanged), and an ``INSERT … SELECT`` and an ``UPDATE … 
 changes (into an empty table the newest rows go straight in). A large write drops the table's
 secondary indexes and builds them again after.
 
-A later run brings back an association unbound here since the previous one (the old server
-still has it): import again only before this server takes over.
+A later run does not bring back an imported association unbound here since (the old server
+still has it): ``unbound_imports`` keeps a digest of each.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from appservice.clock import Clock
 from appservice.config.model import InvitesConfig
 from appservice.crypto.hashing import lookup_hash
 from appservice.crypto.signing import KeyFileError, PublicKey
+from appservice.db.bindings import unbound_digest
 from appservice.db.database import AppDatabase
 from appservice.db.invites import PENDING
 from appservice.db.lookup_peppers import PepperState, PepperStore
@@ -589,15 +590,29 @@ def _newest_sql(columns: tuple[str, ...]) -> str:
     )
 
 
-def _plan_sql(columns: tuple[str, ...]) -> str:
+def _plan_sql(columns: tuple[str, ...], postgres: bool, tombstones: bool) -> str:
     """:func:`_newest_sql` and what the import does with each row: 0 insert, 1 update (ours is
-    older), 2 nothing (ours is as new or newer)."""
+    older), 2 nothing (ours is as new or newer), 3 nothing (an imported association of that 3PID,
+    as new or newer, was unbound here: see ``unbound_imports``)."""
+    unbound = join = ""
+    if tombstones:
+        digest = (
+            "encode(sha256(convert_to(s.medium || ' ' || s.address, 'UTF8')), 'hex')"
+            if postgres
+            else f"{_DIGEST_FUNCTION}(s.medium, s.address)"
+        )
+        unbound = " WHEN b.medium IS NULL AND s.created_ts <= u.imported_ts THEN 3"
+        join = f" LEFT JOIN unbound_imports u ON u.digest = {digest}"
     return (
-        f"SELECT {', '.join(f's.{c}' for c in columns)}, CASE WHEN b.medium IS NULL THEN 0"
+        f"SELECT {', '.join(f's.{c}' for c in columns)}, CASE{unbound}"
+        " WHEN b.medium IS NULL THEN 0"
         " WHEN b.created_ts < s.created_ts THEN 1 ELSE 2 END AS action"
         f" FROM ({_newest_sql(columns)}) s"
-        " LEFT JOIN bindings b ON b.medium = s.medium AND b.address = s.address"
+        " LEFT JOIN bindings b ON b.medium = s.medium AND b.address = s.address" + join
     )
+
+
+_DIGEST_FUNCTION = "import_unbound_digest"
 
 
 _PLANNED = "import_bindings_planned"
@@ -719,11 +734,15 @@ async def _import_bindings(
             await conn.execute(f"CREATE TEMPORARY TABLE {_STAGING} ({column_types}){on_commit}")
             peppers = (pepper_0, pepper_1) if postgres else None
             existing = int(await conn.fetchval("SELECT COUNT(*) FROM bindings"))
+            tombstones = await conn.fetchval("SELECT 1 FROM unbound_imports LIMIT 1") is not None
             staged = await _stage(conn, source, table, peppers, say)
-            if existing:
-                await conn.execute(
-                    f"CREATE TEMPORARY TABLE {_PLANNED}{on_commit} AS {_plan_sql(columns)}"
-                )
+            if existing or tombstones:
+                if tombstones and not postgres:
+                    await conn.create_function(
+                        _DIGEST_FUNCTION, 2, unbound_digest, deterministic=True
+                    )
+                plan = _plan_sql(columns, postgres, tombstones)
+                await conn.execute(f"CREATE TEMPORARY TABLE {_PLANNED}{on_commit} AS {plan}")
                 actions = {
                     int(r[0]): int(r[1])
                     for r in await conn.fetch(
@@ -732,6 +751,7 @@ async def _import_bindings(
                 }
                 table.imported, table.updated = actions.get(0, 0), actions.get(1, 0)
                 table.unchanged = actions.get(2, 0)
+                table.skip("unbound here since an earlier import", actions.get(3, 0))
                 writes = table.imported + table.updated
                 planned = f"{_PLANNED} p WHERE p.action = 0"
                 if table.found >= PROGRESS_EVERY:
@@ -787,7 +807,11 @@ async def _import_bindings(
                     say("bindings: written, committing")
             table.skip(
                 "older association of the same address",
-                staged - table.imported - table.updated - table.unchanged,
+                staged
+                - table.imported
+                - table.updated
+                - table.unchanged
+                - table.skipped.get("unbound here since an earlier import", 0),
             )
             if not postgres:
                 for temp in (_STAGING, _PLANNED):

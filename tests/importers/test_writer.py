@@ -22,6 +22,7 @@ from appservice.app import IdentityServer
 from appservice.clock import Clock, FakeClock
 from appservice.config import Config
 from appservice.crypto.hashing import lookup_hash
+from appservice.db.bindings import BindingStore, unbound_digest
 from appservice.db.database import AppDatabase
 from appservice.db.invites import PENDING, InviteStore
 from appservice.db.lookup_peppers import PepperState
@@ -230,6 +231,39 @@ async def test_newest_association_of_an_address_wins(config: Config) -> None:
     assert counts(report, BINDINGS) == (1, 0, 1, 0)
     report = await do_import(config, source([binding("a@example.com", "@x:hs.test", T0)]))
     assert counts(report, BINDINGS) == (1, 0, 0, 1)
+
+
+async def test_a_later_import_does_not_bring_back_what_was_unbound_here(config: Config) -> None:
+    rows = [binding("a@example.com", "@a:hs.test"), binding("b@example.com", "@b:hs.test")]
+    assert counts(await do_import(config, source(rows)), BINDINGS) == (2, 2, 0, 0)
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        # a@ is unbound here after the switch (what the unbind service calls).
+        assert await BindingStore(db).delete("email", "a@example.com", "@a:hs.test")
+        # What is kept of it is a digest, not the address.
+        kept = [tuple(r) for r in await db.fetch("SELECT digest, imported_ts FROM unbound_imports")]
+        assert kept == [(unbound_digest("email", "a@example.com"), T0)]
+    finally:
+        await db.stop()
+    # The old server still has a@; it also has an association made after the first import.
+    later = [*rows, binding("c@example.com", "@c:hs.test", T0 + 10)]
+    report = await do_import(config, source(later))
+    assert counts(report, BINDINGS) == (3, 1, 0, 1)
+    assert report.tables[BINDINGS].skipped == {"unbound here since an earlier import": 1}
+    db = AppDatabase(config.database.url)
+    await db.start()
+    try:
+        rows_now = await db.fetch("SELECT address, mxid FROM bindings ORDER BY address")
+        assert [tuple(r) for r in rows_now] == [
+            ("b@example.com", "@b:hs.test"),
+            ("c@example.com", "@c:hs.test"),
+        ]
+    finally:
+        await db.stop()
+    # A newer association of the unbound address (made on the old server later) is imported.
+    newer = [binding("a@example.com", "@a2:hs.test", T0 + 20)]
+    assert counts(await do_import(config, source(newer)), BINDINGS) == (1, 1, 0, 0)
 
 
 async def test_pending_invites_are_kept_with_the_source_tokens_and_times(config: Config) -> None:
