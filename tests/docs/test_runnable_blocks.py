@@ -56,6 +56,9 @@ UNMARKED: dict[tuple[str, str], str] = {
     ("docs/benchmarks.md", ".venv/bin/python bench/run.py --quick"): (
         "the smoke run is tests/bench; the full comparison takes many minutes"
     ),
+    ("docs/benchmarks.md", ".venv/bin/python bench/import.py"): (
+        "a million rows take minutes; tests/bench/test_import_bench.py runs a small one"
+    ),
     ("docs/operator-guide.md", "python -m build"): (
         "tests/wheel_install builds the wheel and installs it in a fresh venv"
     ),
