@@ -89,12 +89,12 @@ class KeyRing:
     @property
     def current(self) -> PublicKey:
         """The key used for new signatures."""
-        return _public(self._loaded()[0])
+        return public_key_of(self._loaded()[0])
 
     @property
     def public_keys(self) -> list[PublicKey]:
         """Every key of the file, the current one first."""
-        return [_public(key) for key in self._loaded()]
+        return [public_key_of(key) for key in self._loaded()]
 
     def _loaded(self) -> list[Any]:
         if not self._keys:
@@ -111,7 +111,7 @@ class KeyRing:
         if _contains_float(obj):
             raise ValueError("signed JSON must not contain floats")
         keys = self._loaded()
-        key = next((k for k in keys if _key_id(k) == key_id), keys[0])
+        key = next((k for k in keys if key_id_of(k) == key_id), keys[0])
         signed: dict[str, Any] = signedjson.sign.sign_json(copy.deepcopy(obj), server_name, key)
         return signed
 
@@ -158,15 +158,34 @@ class NewKey:
     @property
     def public(self) -> PublicKey:
         """Its id and public key."""
-        return _public(self.signing_key)
+        return public_key_of(self.signing_key)
 
 
-def _key_id(key: Any) -> str:
+def key_id_of(key: Any) -> str:
+    """The id (``ed25519:<version>``) of a signedjson signing key."""
     return f"{key.alg}:{key.version}"
 
 
-def _public(key: Any) -> PublicKey:
-    return PublicKey(_key_id(key), encode_base64(key.verify_key.encode()))
+def public_key_of(key: Any) -> PublicKey:
+    """A signedjson signing key's id and unpadded base64 public key."""
+    return PublicKey(key_id_of(key), encode_base64(key.verify_key.encode()))
+
+
+def read_key_file(path: Path) -> list[Any] | None:
+    """The signedjson keys of a key file, current first; None when there is no file."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            return list(signedjson.key.read_signing_keys(f))
+    except (OSError, ValueError) as e:
+        raise KeyFileError(f"keys: cannot read signing key file {path}: {e}") from e
+
+
+def write_key_file(path: Path, keys: list[Any]) -> None:
+    """Replace the key file with ``keys`` (current first), atomically, readable only by its
+    owner."""
+    _write_keys(path, keys)
 
 
 def _write_temporary(path: Path, keys: list[Any]) -> Path:

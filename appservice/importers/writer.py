@@ -39,7 +39,14 @@ from unpaddedbase64 import encode_base64
 from appservice.clock import Clock
 from appservice.config.model import InvitesConfig
 from appservice.crypto.hashing import lookup_hash
-from appservice.crypto.signing import KeyFileError, PublicKey
+from appservice.crypto.signing import (
+    KeyFileError,
+    PublicKey,
+    key_id_of,
+    public_key_of,
+    read_key_file,
+    write_key_file,
+)
 from appservice.db.bindings import unbound_digest
 from appservice.db.database import AppDatabase
 from appservice.db.invites import PENDING
@@ -52,7 +59,6 @@ from appservice.importers.model import (
     ImportFailed,
     ImportSource,
 )
-from appservice.private_files import make_private_dirs
 from appservice.services.invites import DETAIL_FIELDS, redact_address
 from appservice.services.keys import check_key_file, lost_key_file, normalise_public_key
 from appservice.services.lookup import ensure_pepper
@@ -297,46 +303,23 @@ def _signing_key(key_id: str, seed: bytes) -> Any:
 
 
 def _public(key: Any) -> str:
-    return encode_base64(bytes(key.verify_key))
-
-
-def _key_id(key: Any) -> str:
-    return f"{key.alg}:{key.version}"
-
-
-def _read_key_file(path: Path) -> list[Any] | None:
-    if not os.path.lexists(path):
-        return None
-    try:
-        with path.open(encoding="utf-8") as f:
-            return list(signedjson.key.read_signing_keys(f))
-    except (OSError, ValueError) as e:
-        raise KeyFileError(f"keys: cannot read signing key file {path}: {e}") from e
+    return public_key_of(key).public_key
 
 
 def _write_key_file(path: Path, keys: list[Any], backup: Path | None) -> None:
     """Replace the key file atomically (0600); first copy the old one to ``backup`` (0600)."""
-    try:
-        make_private_dirs(path.parent)
-        if backup is not None:
+    if backup is not None:
+        try:
             fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(path.read_bytes())
                 f.flush()
                 os.fsync(f.fileno())
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                signedjson.key.write_signing_keys(f, keys)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise KeyFileError(f"keys: cannot write signing key file {path}: {e.strerror}") from e
+        except OSError as e:
+            raise KeyFileError(
+                f"keys: cannot back up signing key file to {backup}: {e.strerror}"
+            ) from e
+    write_key_file(path, keys)
 
 
 @dataclass
@@ -348,7 +331,7 @@ class _KeyPlan:
 
 
 def _ids(keys: list[Any]) -> set[str]:
-    return {_key_id(k) for k in keys}
+    return {key_id_of(k) for k in keys}
 
 
 def _plan_keys(
@@ -378,7 +361,7 @@ def _plan_keys(
         table.found += 1
         key = _signing_key(source_key.key_id, source_key.seed)
         public = _public(key)
-        in_file_as = {_public(k): _key_id(k) for k in in_file}.get(public)
+        in_file_as = {_public(k): key_id_of(k) for k in in_file}.get(public)
         recorded_as = stored_by_public.get(public)
         target = in_file_as or (recorded_as.key_id if recorded_as else None)
         if target is None:
@@ -386,7 +369,7 @@ def _plan_keys(
             if target in _ids(in_file) or target in stored_by_id:
                 if fresh:
                     plan.drops.append(target)
-                    in_file = [k for k in in_file if _key_id(k) != target]
+                    in_file = [k for k in in_file if key_id_of(k) != target]
                     report.notes.append(
                         f"{source.name}'s {target} replaces this server's unused {target}"
                     )
@@ -422,23 +405,23 @@ def _plan_keys(
             invalid.add(target)
         if source_key.current and source_key.valid and fresh:
             new_current = target
-    if new_current is None and (not in_file or _key_id(in_file[0]) in invalid):
+    if new_current is None and (not in_file or key_id_of(in_file[0]) in invalid):
         # The key that would sign is revoked (or there is none): the first valid key of the
         # file becomes current, else a new key.
-        new_current = next((_key_id(k) for k in in_file if _key_id(k) not in invalid), None)
+        new_current = next((key_id_of(k) for k in in_file if key_id_of(k) not in invalid), None)
         if new_current is None:
             taken = _ids(in_file) | set(stored_by_id)
             numbers = [int(v) for v in (i.partition(":")[2] for i in taken) if v.isdigit()]
             fresh_key = signedjson.key.generate_signing_key(str(max(numbers, default=-1) + 1))
-            new_current = _key_id(fresh_key)
+            new_current = key_id_of(fresh_key)
             in_file.append(fresh_key)
             plan.inserts.append((new_current, _public(fresh_key), True))
             report.notes.append(
                 f"{source.name} has no valid signing key: a new key {new_current} signs here"
             )
     if new_current is not None:
-        first = [k for k in in_file if _key_id(k) == new_current]
-        in_file = first + [k for k in in_file if _key_id(k) != new_current]
+        first = [k for k in in_file if key_id_of(k) == new_current]
+        in_file = first + [k for k in in_file if key_id_of(k) != new_current]
     plan.in_file = in_file
     return plan, key_map
 
@@ -455,20 +438,20 @@ async def _import_signing_keys(
     """Put the source's keys into the key file and ``signing_keys``; returns the id map."""
     report.table(SIGNING_KEYS)  # listed first, also when the source has none
     store = SigningKeyStore(db)
-    existing = _read_key_file(key_path)
+    existing = read_key_file(key_path)
     stored = await store.all()
     if existing is None and stored:
         raise lost_key_file(key_path, stored)
     check_key_file(
         key_path,
-        [PublicKey(_key_id(k), _public(k)) for k in existing or []],
+        [PublicKey(key_id_of(k), _public(k)) for k in existing or []],
         stored,
     )
     if not source.signing_keys:
         return {}
     plan, key_map = _plan_keys(source, existing or [], stored, fresh, report)
-    file_changes = [(_key_id(k), _public(k)) for k in plan.in_file] != [
-        (_key_id(k), _public(k)) for k in existing or []
+    file_changes = [(key_id_of(k), _public(k)) for k in plan.in_file] != [
+        (key_id_of(k), _public(k)) for k in existing or []
     ]
     if not (plan.inserts or plan.revokes or plan.drops or file_changes):
         return key_map
@@ -504,7 +487,7 @@ async def _import_signing_keys(
     current = plan.in_file[0]
     if not existing or _public(existing[0]) != _public(current):
         report.notes.append(
-            f"current signing key {'would be' if dry_run else 'is now'} {_key_id(current)}"
+            f"current signing key {'would be' if dry_run else 'is now'} {key_id_of(current)}"
             f" {_public(current)}"
         )
     return key_map
