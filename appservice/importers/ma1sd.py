@@ -42,7 +42,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import nacl.signing
 
 from appservice.importers.model import (
     ImportedBinding,
@@ -50,6 +49,7 @@ from appservice.importers.model import (
     ImportedSigningKey,
     ImportFailed,
     ImportSource,
+    ed25519_public_key,
 )
 from appservice.services.invites import DETAIL_FIELDS
 
@@ -79,8 +79,7 @@ class StoredKey:
     @property
     def public_key(self) -> str:
         """Its unpadded base64 ed25519 public key."""
-        verify = nacl.signing.SigningKey(self.seed).verify_key
-        return base64.b64encode(bytes(verify)).decode().rstrip("=")
+        return ed25519_public_key(self.seed)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import nacl.signing
+from unpaddedbase64 import encode_base64
+
 
 class ImportFailed(Exception):
     """Another server's data that cannot be imported; the message is one line."""
+
+
+def ed25519_public_key(seed: bytes) -> str:
+    """The unpadded base64 public key of a 32-byte ed25519 seed."""
+    return encode_base64(bytes(nacl.signing.SigningKey(seed).verify_key))
 
 
 class ImportedBinding(NamedTuple):

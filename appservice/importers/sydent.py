@@ -42,8 +42,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-import nacl.signing
-
 from appservice.importers.model import (
     ImportedBinding,
     ImportedEphemeralKey,
@@ -51,6 +49,7 @@ from appservice.importers.model import (
     ImportedSigningKey,
     ImportFailed,
     ImportSource,
+    ed25519_public_key,
 )
 
 BATCH_SIZE = 10_000
@@ -87,8 +86,7 @@ class SydentKey:
     @property
     def public_key_base64(self) -> str:
         """Its unpadded base64 ed25519 public key."""
-        verify = nacl.signing.SigningKey(self.seed).verify_key
-        return base64.b64encode(bytes(verify)).decode().rstrip("=")
+        return ed25519_public_key(self.seed)
 
 
 def parse_signing_key(value: str) -> SydentKey:

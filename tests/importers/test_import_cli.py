@@ -14,18 +14,10 @@ import pytest
 from appservice.cli import main
 from appservice.db.database import AppDatabase
 from appservice.importers import writer
+from tests.support.settings import write_cli_config
 
 SEED_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"  # bytes 0..31
 T0_S = 1_600_000_000
-
-
-def _config(tmp_path: Path, database_url: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"database: {{url: '{database_url}'}}\n"
-        f"keys: {{signing_key_path: '{tmp_path / 'keys' / 'signing.key'}'}}\n"
-    )
-    return path
 
 
 def _sydent(tmp_path: Path) -> tuple[Path, Path]:
@@ -92,7 +84,7 @@ async def test_import_sydent_prints_what_it_did_then_nothing_to_change(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     db, conf = _sydent(tmp_path)
     monkeypatch.setattr(writer, "PROGRESS_EVERY", 2)
     args = ("import", "sydent", "-c", str(config), "--db", str(db), "--sydent-config", str(conf))
@@ -122,7 +114,7 @@ async def test_import_sydent_prints_what_it_did_then_nothing_to_change(
 async def test_dry_run_prints_what_it_would_do_and_writes_nothing(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     db, conf = _sydent(tmp_path)
     args = ("import", "sydent", "-c", str(config), "--db", str(db), "--sydent-config", str(conf))
     code = await _cli(*args, "--dry-run")
@@ -140,7 +132,7 @@ async def test_dry_run_prints_what_it_would_do_and_writes_nothing(
 async def test_refused_without_merge_in_one_line_then_merged(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     db, conf = _sydent(tmp_path)
     assert await _cli("migrate", "-c", str(config)) == 0
     store = AppDatabase(database_url)
@@ -179,7 +171,7 @@ async def test_a_bad_sydent_file_is_one_line_and_writes_nothing(
     make: object,
     message: str,
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     bad = make(tmp_path)  # type: ignore[operator]
     assert await _cli("import", "sydent", "-c", str(config), "--db", str(bad)) == 1
     _, err = capsys.readouterr()
@@ -192,7 +184,7 @@ async def test_a_bad_sydent_file_is_one_line_and_writes_nothing(
 async def test_an_unreachable_ma1sd_database_is_one_line(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     url = "postgresql://nobody@127.0.0.1:1/ma1sd"
     assert await _cli("import", "ma1sd", "-c", str(config), "--db", url) == 1
     _, err = capsys.readouterr()

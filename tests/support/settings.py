@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -14,3 +15,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def write_cli_config(tmp_path: Path, database_url: str) -> Path:
+    """A minimal config file for the command line: the database and a key file in ``tmp_path``."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"database: {{url: '{database_url}'}}\n"
+        f"keys: {{signing_key_path: '{tmp_path / 'keys' / 'signing.key'}'}}\n"
+    )
+    return path

@@ -16,17 +16,9 @@ import signedjson.key
 from appservice.app import IdentityServer
 from appservice.cli import main
 from appservice.config import load_config
+from tests.support.settings import write_cli_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _config(tmp_path: Path, database_url: str) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"database: {{url: '{database_url}'}}\n"
-        f"keys: {{signing_key_path: '{tmp_path / 'keys' / 'signing.key'}'}}\n"
-    )
-    return path
 
 
 async def _cli(*args: str) -> int:
@@ -64,7 +56,7 @@ async def _start_and_stop(config: Path) -> str:
 async def test_keys_show_on_a_fresh_config_says_there_is_no_key_and_creates_nothing(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     before = _files(tmp_path)
     assert await _cli("keys", "show", "-c", str(config)) == 1
     out, err = capsys.readouterr()
@@ -80,7 +72,7 @@ async def test_keys_show_on_a_fresh_config_says_there_is_no_key_and_creates_noth
 async def test_keys_show_before_the_first_start_lists_the_key_file_and_creates_nothing(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     key_path = tmp_path / "keys" / "signing.key"
     key_path.parent.mkdir()
     signing_key = signedjson.key.generate_signing_key("0")
@@ -97,7 +89,7 @@ async def test_keys_show_before_the_first_start_lists_the_key_file_and_creates_n
 async def test_keys_show_refuses_a_replaced_key_file_with_one_line(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     published = await _start_and_stop(config)
     assert await _cli("keys", "show", "-c", str(config)) == 0
     assert capsys.readouterr().out == f"ed25519:0 {published} valid (current)\n"
@@ -114,7 +106,7 @@ async def test_keys_show_refuses_a_replaced_key_file_with_one_line(
 async def test_rotate_replace_lost_key_makes_a_new_key_file_with_the_next_id(
     tmp_path: Path, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, database_url)
+    config = write_cli_config(tmp_path, database_url)
     lost = await _start_and_stop(config)
     key_path = tmp_path / "keys" / "signing.key"
     key_path.unlink()
@@ -137,7 +129,7 @@ async def test_rotate_replace_lost_key_makes_a_new_key_file_with_the_next_id(
 
 
 def test_run_refuses_a_replaced_key_file_with_one_line(tmp_path: Path) -> None:
-    config = _config(tmp_path, f"sqlite:{tmp_path / 'is.db'}")
+    config = write_cli_config(tmp_path, f"sqlite:{tmp_path / 'is.db'}")
     asyncio.run(_start_and_stop(config))
     key_path = tmp_path / "keys" / "signing.key"
     with key_path.open("w") as f:
