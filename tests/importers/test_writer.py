@@ -387,6 +387,30 @@ async def test_an_imported_invite_completes_with_an_onbind_signed_by_the_importe
     signedjson.sign.verify_signed_json(body, "id.test", verify_key)
 
 
+async def test_imported_invites_expire_counted_from_their_original_creation(
+    config: Config, homeserver: FakeHomeserver
+) -> None:
+    """Expiry (7 days by default) counts from when the other server stored the invite, not
+    from the import: one stored 8 days before expires at once, one stored 6 days before not."""
+    day_ms = 86_400_000
+    old = pending_invite(1, "old@example.com", created_ts=T0 - 8 * day_ms)
+    recent = pending_invite(2, "recent@example.com", created_ts=T0 - 6 * day_ms)
+    await do_import(config, source(invites=[old, recent]))
+    async with serving(config, homeserver, FakeClock(T0 / 1000)) as api:
+        assert await api.server.invites.expire_due() == 1
+        expired = await InviteStore(api.server.db).by_token("sydentToken1")
+        kept = await InviteStore(api.server.db).by_token("sydentToken2")
+        assert expired is not None and kept is not None
+        assert (expired.state, kept.state) == ("expired", PENDING)
+        # Withdrawn like any of ours: resolved to the inviteExpired user, its onbind queued.
+        body = await _onbind(api)
+        assert body["mxid"] == expired.resolved_mxid
+        assert body["invites"][0]["signed"]["token"] == "sydentToken1"
+        signedjson.sign.verify_signed_json(
+            body["invites"][0]["signed"], "id.test", verify_key_of(SEED)
+        )
+
+
 async def test_an_imported_ephemeral_private_key_signs_the_onbind(
     config: Config, homeserver: FakeHomeserver
 ) -> None:
