@@ -40,10 +40,10 @@ from appservice.api.http import (
     json_body,
     json_response,
     optional_string_field,
-    query_param,
     require_fields,
     string_field,
 )
+from appservice.api.validation import submit_token_answer, validated_threepid_answer
 from appservice.errors import forbidden
 
 log = logging.getLogger(__name__)
@@ -90,26 +90,11 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
     async def submit_token(request: web.Request) -> web.Response:
         as_delegate(request)
         body = await json_body(request)
-        require_fields(body, "sid", "client_secret", "token")
-        await ctx.sessions.submit_token(
-            string_field(body, "sid"),
-            string_field(body, "client_secret"),
-            string_field(body, "token"),
-        )
-        return json_response({"success": True})
+        return await submit_token_answer(ctx, body)
 
     async def get_validated_threepid(request: web.Request) -> web.Response:
         as_delegate(request)
-        threepid = await ctx.sessions.validated_threepid(
-            query_param(request, "sid"), query_param(request, "client_secret")
-        )
-        return json_response(
-            {
-                "medium": threepid.medium,
-                "address": threepid.address,
-                "validated_at": threepid.validated_at,
-            }
-        )
+        return await validated_threepid_answer(ctx, request)
 
     router.add_post(REQUEST_TOKEN, request_token)
     router.add_post(SUBMIT_TOKEN, submit_token)

@@ -44,7 +44,7 @@ from appservice.api.http import (
     string_field,
 )
 from appservice.api.invites import store_invite_request
-from appservice.api.validation import submit_token_link_handler
+from appservice.api.validation import submit_token_answer, submit_token_link_handler
 from appservice.errors import bad_json, invalid_param
 from appservice.threepid import user_id_server
 
@@ -148,13 +148,7 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
 
     async def submit_email_token(request: web.Request) -> web.Response:
         args = await v1_args(request)
-        require_fields(args, "sid", "client_secret", "token")
-        await ctx.sessions.submit_token(
-            string_field(args, "sid"),
-            string_field(args, "client_secret"),
-            string_field(args, "token"),
-        )
-        return json_response({"success": True})
+        return await submit_token_answer(ctx, args)
 
     async def bind(request: web.Request) -> web.Response:
         args = await v1_args(request)

@@ -57,26 +57,11 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
     async def submit_token(request: web.Request) -> web.Response:
         await ctx.user_id(request)
         body = await json_body(request)
-        require_fields(body, "sid", "client_secret", "token")
-        await ctx.sessions.submit_token(
-            string_field(body, "sid"),
-            string_field(body, "client_secret"),
-            string_field(body, "token"),
-        )
-        return json_response({"success": True})
+        return await submit_token_answer(ctx, body)
 
     async def get_validated_threepid(request: web.Request) -> web.Response:
         await ctx.user_id(request)
-        threepid = await ctx.sessions.validated_threepid(
-            query_param(request, "sid"), query_param(request, "client_secret")
-        )
-        return json_response(
-            {
-                "medium": threepid.medium,
-                "address": threepid.address,
-                "validated_at": threepid.validated_at,
-            }
-        )
+        return await validated_threepid_answer(ctx, request)
 
     submit_token_link = submit_token_link_handler(ctx)
     for medium, request_token in (
@@ -87,6 +72,32 @@ def add_routes(router: web.UrlDispatcher, ctx: ApiContext) -> None:
         router.add_post(f"{PREFIX}/validate/{medium}/submitToken", submit_token)
         router.add_get(f"{PREFIX}/validate/{medium}/submitToken", submit_token_link)
     router.add_get(f"{PREFIX}/3pid/getValidated3pid", get_validated_threepid)
+
+
+async def submit_token_answer(ctx: ApiContext, args: dict[str, Any]) -> web.Response:
+    """Check a session's token given as ``sid``, ``client_secret`` and ``token`` (a v2 JSON body,
+    or the v1 and SMS-delegate forms): ``{"success": true}``."""
+    require_fields(args, "sid", "client_secret", "token")
+    await ctx.sessions.submit_token(
+        string_field(args, "sid"),
+        string_field(args, "client_secret"),
+        string_field(args, "token"),
+    )
+    return json_response({"success": True})
+
+
+async def validated_threepid_answer(ctx: ApiContext, request: web.Request) -> web.Response:
+    """The validated 3PID of the session named by the query's ``sid`` and ``client_secret``."""
+    threepid = await ctx.sessions.validated_threepid(
+        query_param(request, "sid"), query_param(request, "client_secret")
+    )
+    return json_response(
+        {
+            "medium": threepid.medium,
+            "address": threepid.address,
+            "validated_at": threepid.validated_at,
+        }
+    )
 
 
 def submit_token_link_handler(ctx: ApiContext) -> Handler:
