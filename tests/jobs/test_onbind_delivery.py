@@ -401,3 +401,50 @@ async def test_two_instances_deliver_a_thousand_notifications_exactly_once(
     assert len(tokens) == count
     assert await OutboxStore(server.db).count_by_state() == {DELIVERED: count}
     assert INVITE_PENDING not in {(await invite_state(api, "inv0")).state}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_two_instances_probe_a_homeserver_that_is_down_once_per_interval(
+    api: Api, clock: FakeClock
+) -> None:
+    """The backoff of a homeserver is shared: two instances running their delivery jobs at the
+    same moments send one probe per interval between them, not one each, and once it is back
+    they deliver every notification exactly once."""
+    count = 20
+    for n in range(count):
+        await invite(api, f"guest{n}@example.com")
+        await api.add_binding("email", f"guest{n}@example.com", f"@guest{n}:hs.test")
+    assert await api.server.resolution_job.run_once() == count
+    await api.homeserver.go_down()
+
+    async def attempts() -> int:
+        return int(await api.server.db.fetchval("SELECT SUM(attempts) FROM onbind_outbox"))
+
+    async with second_instance(api, clock) as other:
+
+        async def both() -> int:
+            runs = await asyncio.wait_for(
+                asyncio.gather(api.server.delivery_job.run_once(), other.delivery.deliver_due()),
+                30,
+            )
+            return sum(int(r) for r in runs)
+
+        try:
+            # Ten minutes of outage, both jobs every poll_interval (5 s). The first runs find it
+            # down with at most `concurrency` (8) requests each in flight; then one probe at a
+            # time, between both instances.
+            for run in range(600 // 5):
+                before = await attempts()
+                assert await both() == 0
+                assert await attempts() - before <= (16 if run == 0 else 1), run
+                clock.advance(5)
+            requests_while_down = await attempts()
+        finally:
+            await api.homeserver.come_up()
+        # Doubling from 2 s to homeserver_retry_max (10 s): about one probe per 10 s.
+        assert requests_while_down <= 16 + 600 // 10 + 4
+        clock.advance(10)
+        assert await both() == count
+    tokens = [b["invites"][0]["signed"]["token"] for b in api.homeserver.onbind_accepted]
+    assert len(tokens) == len(set(tokens)) == count
+    assert await OutboxStore(api.server.db).count_by_state() == {DELIVERED: count}
