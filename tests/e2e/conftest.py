@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from appservice.app import IdentityServer
-from appservice.config import load_config_text
+from appservice.config import Config, load_config_text
 from appservice.matrix.registration import build_registration, new_token, write_registration
 from tests.support.settings import deep_merge
 from tests.support.smtp import SmtpSink
@@ -206,11 +207,20 @@ async def identity_server(
             config_file.write_text(yaml.safe_dump(settings))
             await before_identity_start(config_file)
         config = load_config_text(yaml.safe_dump(settings), tmp_path, environ={})
-        server = IdentityServer(config)
-        await server.start()
-        await server.serve()
-        running = RunningIdentityServer(server, port, smtp, test_certificates.ca_cert)
-        try:
+        async with running_identity_server(config, port, smtp, test_certificates) as running:
             yield running
-        finally:
-            await running.server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_identity_server(
+    config: Config, port: int, smtp: SmtpSink, certs: TestCertificates
+) -> AsyncIterator[RunningIdentityServer]:
+    """Our server serving ``config`` (TLS on ``port``), stopped on exit."""
+    server = IdentityServer(config)
+    await server.start()
+    await server.serve()
+    running = RunningIdentityServer(server, port, smtp, certs.ca_cert)
+    try:
+        yield running
+    finally:
+        await running.server.stop()

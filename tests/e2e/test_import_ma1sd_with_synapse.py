@@ -10,9 +10,7 @@ Synapse, which checks the signature and the keys' validity with us, and the invi
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,9 +18,12 @@ import pytest
 import yaml
 
 from appservice import cli
-from appservice.app import IdentityServer
 from appservice.config import load_config
-from tests.e2e.conftest import AppserviceSetup, RunningIdentityServer, base_identity_settings
+from tests.e2e.conftest import (
+    AppserviceSetup,
+    base_identity_settings,
+    running_identity_server,
+)
 from tests.e2e.flows import (
     bind_through_synapse,
     register_everywhere,
@@ -122,7 +123,9 @@ async def test_invite_stored_by_ma1sd_is_delivered_by_us_and_synapse_accepts_it(
         )  # fmt: skip
         out = capsys.readouterr().out
         assert code == 0, out
-        async with _running(config_path, port, smtp, test_certificates) as ids:
+        async with running_identity_server(
+            load_config(config_path, environ={}), port, smtp, test_certificates
+        ) as ids:
             status, body = await ids.request("GET", f"{V1}/pubkey/ed25519:{serial}")
             assert (status, body) == (200, {"public_key": public_key(seed)})
 
@@ -145,18 +148,3 @@ async def test_invite_stored_by_ma1sd_is_delivered_by_us_and_synapse_accepts_it(
                 "GET", f"{V1}/pubkey/ephemeral/isvalid?public_key={quote(public_key(e_seed))}"
             )
             assert (status, body) == (200, {"valid": False})
-
-
-@asynccontextmanager
-async def _running(
-    config: Path, port: int, smtp: SmtpSink, certs: TestCertificates
-) -> AsyncIterator[RunningIdentityServer]:
-    """Our server from the config file, serving with TLS, stopped on exit."""
-    server = IdentityServer(load_config(config, environ={}))
-    await server.start()
-    await server.serve()
-    ids = RunningIdentityServer(server, port, smtp, certs.ca_cert)
-    try:
-        yield ids
-    finally:
-        await ids.server.stop()
