@@ -514,6 +514,7 @@ def _details(
         "resolved": _iso(invite.resolved_ts),
         "token": invite.token,
         "ephemeral_public_key": invite.ephemeral_public_key,
+        "imported_from": invite.imported_from,
         "details": dict(sorted(invite.details.items())),
         "outbox": [_entry_details(entry, backed_off) for entry in entries],
     }

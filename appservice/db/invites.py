@@ -36,11 +36,13 @@ class Invite:
     # The ephemeral private key (a secret): written by store-invite for the invite email, never
     # read back by the queries below, not shown in a repr, cleared when the invite is resolved.
     ephemeral_private_key: str | None = field(default=None, repr=False, compare=False)
+    # The identity server it was imported from ("sydent", "ma1sd"); None when stored here.
+    imported_from: str | None = None
 
 
 _COLUMNS = (
     "id, token, medium, address, room_id, sender, display_name, ephemeral_public_key, details,"
-    " created_ts, state, resolved_mxid, resolved_ts, signing_key_id"
+    " created_ts, state, resolved_mxid, resolved_ts, signing_key_id, imported_from"
 )
 
 
@@ -60,6 +62,7 @@ def _invite(row: Any) -> Invite:
         resolved_mxid=row["resolved_mxid"],
         resolved_ts=row["resolved_ts"],
         signing_key_id=row["signing_key_id"],
+        imported_from=row["imported_from"],
     )
 
 
@@ -78,7 +81,7 @@ class InviteStore:
         """
         row = await self._db.fetchrow(
             f"INSERT INTO invites ({_COLUMNS}, ephemeral_private_key)"
-            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15"
+            " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16"
             " WHERE NOT EXISTS (SELECT 1 FROM bindings WHERE medium = $3 AND address = $4)"
             " RETURNING id",
             invite.id,
@@ -95,6 +98,7 @@ class InviteStore:
             invite.resolved_mxid,
             invite.resolved_ts,
             invite.signing_key_id,
+            invite.imported_from,
             invite.ephemeral_private_key,
         )
         return row is not None

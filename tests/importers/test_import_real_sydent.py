@@ -156,6 +156,7 @@ async def test_a_real_sydent_deployment_is_served_by_us_after_the_import(
         (i.token, i.address, i.room_id, i.sender) for i in sydent.pending
     )
     assert sydent.delivered[0].token not in {i["token"] for i in listed}
+    assert {i["imported_from"] for i in listed} == {"sydent"}  # `invites show` says where from
 
     async with serve() as api:
         _, token = await api.register()
