@@ -65,15 +65,25 @@ class PepperState:
         """Whether lookups with the previous pepper are still answered (its grace)."""
         return self.previous_pepper is not None and now_ms < self.grace_until_ts
 
-    def hashes(self, medium: str, address: str) -> LookupHashes:
-        """A row's hashes: the current pepper's, and in the other slot the next pepper's during a
-        rotation, else the previous one's (so both slots are always filled)."""
+    def slot_peppers(self) -> tuple[tuple[str | None, str | None], int]:
+        """The pepper of each hash slot for a row written now, and the generation it covers:
+        the current pepper in its slot, and in the other one the next pepper during a rotation,
+        else the previous one (so both slots are filled once there was a rotation)."""
         slots: list[str | None] = [None, None]
-        slots[self.generation % 2] = lookup_hash(address, medium, self.pepper)
+        slots[self.generation % 2] = self.pepper
         other = self.next_pepper or self.previous_pepper
         if other is not None:
-            slots[(self.generation + 1) % 2] = lookup_hash(address, medium, other)
+            slots[(self.generation + 1) % 2] = other
         generation = self.generation + 1 if self.rotating else self.generation
+        return (slots[0], slots[1]), generation
+
+    def hashes(self, medium: str, address: str) -> LookupHashes:
+        """A row's hashes under :meth:`slot_peppers`."""
+        peppers, generation = self.slot_peppers()
+        slots = tuple(
+            lookup_hash(address, medium, pepper) if pepper is not None else None
+            for pepper in peppers
+        )
         return LookupHashes((slots[0], slots[1]), generation)
 
 

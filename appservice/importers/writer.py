@@ -530,18 +530,6 @@ def _staged_rows(
     return rows
 
 
-def slot_peppers(state: PepperState) -> tuple[tuple[str | None, str | None], int]:
-    """The pepper of each hash slot and the generation a written row covers: what
-    ``PepperState.hashes`` hashes with."""
-    slots: list[str | None] = [None, None]
-    slots[state.generation % 2] = state.pepper
-    other = state.next_pepper or state.previous_pepper
-    if other is not None:
-        slots[(state.generation + 1) % 2] = other
-    generation = state.generation + 1 if state.rotating else state.generation
-    return (slots[0], slots[1]), generation
-
-
 def _hash_sql(postgres: bool, slot: int, pepper: str | None) -> str:
     """SQL for the lookup hash of the planned row ``p`` in hash slot ``slot``.
 
@@ -707,7 +695,7 @@ async def _import_bindings(
 
             for temp in (_STAGING, _PLANNED):
                 await conn.execute(f"DROP TABLE IF EXISTS {temp}")
-            (pepper_0, pepper_1), generation = slot_peppers(pepper)
+            (pepper_0, pepper_1), generation = pepper.slot_peppers()
             columns = _STAGING_COLUMNS + (_HASH_COLUMNS if postgres else ())
             column_types = (
                 "medium TEXT, address TEXT, mxid TEXT, created_ts BIGINT, not_before BIGINT,"

@@ -45,7 +45,6 @@ from appservice.importers.writer import (
     _signing_key,
     invite_id,
     run_import,
-    slot_peppers,
 )
 from tests.support.api_server import Api, make_config
 from tests.support.homeserver import FakeHomeserver
@@ -582,7 +581,7 @@ async def test_an_import_is_refused_while_a_server_holds_a_lease(config: Config)
 def test_slot_peppers_are_those_pepper_state_hashes_with() -> None:
     for generation, previous, following in ((0, None, None), (1, "p0", None), (3, "p2", "p4")):
         state = PepperState(generation, "pc", 0, previous, 0, following, 0, None, 0)
-        (p0, p1), covered = slot_peppers(state)
+        (p0, p1), covered = state.slot_peppers()
         hashes = state.hashes("email", "a@example.com")
         expected = tuple(
             lookup_hash("a@example.com", "email", p) if p is not None else None for p in (p0, p1)
