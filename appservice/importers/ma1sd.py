@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+from unpaddedbase64 import encode_base64
 
 from appservice.importers.model import (
     ImportedBinding,
@@ -133,7 +134,7 @@ async def read_ma1sd(db: str, key_dir: Path | None) -> ImportSource:
                         f"{INVITES} row {row['id']}: e_key_public does not match the key file "
                         f"ephemeral/ed25519/{e_serial}"
                     )
-                invite = _replace_ephemeral(invite, stored.public_key, _unpadded(stored.seed))
+                invite = _replace_ephemeral(invite, stored.public_key, encode_base64(stored.seed))
                 used_ephemeral.add(e_serial)
         invites.append(invite)
     signing_keys: list[ImportedSigningKey] = []
@@ -188,10 +189,6 @@ def _replace_ephemeral(
     invite: ImportedInvite, public_key: str | None, private_key: str | None
 ) -> ImportedInvite:
     return replace(invite, ephemeral_public_key=public_key, ephemeral_private_key=private_key)
-
-
-def _unpadded(raw: bytes) -> str:
-    return base64.b64encode(raw).decode().rstrip("=")
 
 
 def _invite(row: Mapping[str, Any], now_ms: int) -> tuple[ImportedInvite, str | None]:

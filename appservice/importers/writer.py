@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 import signedjson.key
-from unpaddedbase64 import encode_base64
+from unpaddedbase64 import decode_base64, encode_base64
 
 from appservice.clock import Clock
 from appservice.config.model import InvitesConfig
@@ -50,7 +50,7 @@ from appservice.crypto.signing import (
 from appservice.db.bindings import unbound_digest
 from appservice.db.database import AppDatabase
 from appservice.db.invites import PENDING
-from appservice.db.lookup_peppers import PepperState, PepperStore
+from appservice.db.lookup_peppers import HASH_COLUMNS, PepperState, PepperStore
 from appservice.db.server_state import ServerStateStore
 from appservice.db.signing_keys import SigningKeyStore, StoredSigningKey
 from appservice.importers.model import (
@@ -58,6 +58,7 @@ from appservice.importers.model import (
     ImportedInvite,
     ImportFailed,
     ImportSource,
+    ed25519_public_key,
 )
 from appservice.services.invites import DETAIL_FIELDS, redact_address
 from appservice.services.keys import check_key_file, lost_key_file, normalise_public_key
@@ -74,8 +75,7 @@ _SOURCE_NAME = re.compile(r"[a-z0-9_]{1,32}")
 _KEY_ID = re.compile(r"ed25519:[A-Za-z0-9_-]{1,64}")  # ma1sd serials hold "-"
 _STAGING = "import_bindings_staging"
 _STAGING_COLUMNS = ("medium", "address", "mxid", "created_ts", "not_before", "not_after")
-# On PostgreSQL the lookup hashes are staged too (see _hash_sql).
-_HASH_COLUMNS = ("lookup_hash", "lookup_hash_1")
+# On PostgreSQL the lookup hashes (HASH_COLUMNS) are staged too (see _hash_sql).
 # Tables whose leases show a running instance: (table, extra condition).
 _LEASES = (
     ("onbind_outbox", "claimed_until IS NOT NULL AND claimed_until > $1"),
@@ -539,7 +539,7 @@ def _hash_sql(postgres: bool, slot: int, pepper: str | None) -> str:
     ``crypto.hashing.lookup_hash`` registered on the connection (its pepper parameter is
     ``$3`` or ``$4``); a slot without a pepper is NULL without a call."""
     if postgres:
-        return f"p.{_HASH_COLUMNS[slot]}"
+        return f"p.{HASH_COLUMNS[slot]}"
     if pepper is None:
         return "NULL"
     return f"{_HASH_FUNCTION}(p.address, p.medium, ${slot + 3})"
@@ -623,7 +623,7 @@ async def _stage(
 
     async def write(rows: list[tuple[Any, ...]]) -> None:
         if peppers is not None:  # PostgreSQL
-            columns = _STAGING_COLUMNS + _HASH_COLUMNS
+            columns = _STAGING_COLUMNS + HASH_COLUMNS
             await conn.copy_records_to_table(_STAGING, records=rows, columns=columns)
         else:
             await conn.executemany(insert, rows)
@@ -696,7 +696,7 @@ async def _import_bindings(
             for temp in (_STAGING, _PLANNED):
                 await conn.execute(f"DROP TABLE IF EXISTS {temp}")
             (pepper_0, pepper_1), generation = pepper.slot_peppers()
-            columns = _STAGING_COLUMNS + (_HASH_COLUMNS if postgres else ())
+            columns = _STAGING_COLUMNS + (HASH_COLUMNS if postgres else ())
             column_types = (
                 "medium TEXT, address TEXT, mxid TEXT, created_ts BIGINT, not_before BIGINT,"
                 " not_after BIGINT"
@@ -820,8 +820,7 @@ def _ephemeral_pair(invite: ImportedInvite) -> tuple[str, str | None] | None:
         seed = normalise_public_key(private)  # the same rules: 32 bytes of base64
         if seed is None:
             return None
-        derived = signedjson.key.decode_signing_key_base64("ed25519", "0", seed)
-        derived_public = encode_base64(bytes(derived.verify_key))
+        derived_public = ed25519_public_key(decode_base64(seed))
         if public is not None and normalise_public_key(public) != derived_public:
             return None
         return derived_public, seed
